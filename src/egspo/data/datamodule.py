@@ -1,0 +1,264 @@
+"""LightningDataModule for hybrid SFT + RL: expert demonstrations, RL prompts, eval sets.
+
+It yields text, never token ids: the LightningModule owns the tokenizer and the prompt
+format. One training batch per iteration (SFT or RL)::
+
+    {"prompts": list[str], "answers": list[str],                 # RL prompts of this rank
+     "expert_prompts": list[str], "expert_responses": list[str]}  # demonstrations of this rank
+
+Batch ``i`` is a pure function of (seed, i, rank, world_size): a resumed run sets
+``start_iteration`` and continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from egspo.data.records import DataError, DataSource, Example
+from egspo.data.synthetic import SyntheticArithmetic
+
+
+def _stream_seed(seed: int, stream: str, epoch: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{stream}/{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class EpochSampler:
+    """Draws ``per_rank`` items per iteration and rank without replacement.
+
+    Each epoch is a seeded permutation of the ``size`` items, cut into whole iterations of
+    ``per_rank * world_size`` items (``size mod (per_rank * world_size)`` items of each
+    epoch, different ones every epoch, are left out so no iteration straddles two epochs).
+    Rank ``r`` takes slice ``r`` of its iteration's block, so ranks never share an item
+    within an iteration.
+    """
+
+    def __init__(self, size: int, per_rank: int, world_size: int, seed: int, stream: str) -> None:
+        self.size, self.per_rank, self.world_size = size, per_rank, world_size
+        self.seed, self.stream = seed, stream
+        self.per_iteration = per_rank * world_size
+        if per_rank > 0 and self.per_iteration > size:
+            raise DataError(
+                f"{stream}: {size} records, fewer than {per_rank} per step x {world_size} "
+                f"processes = {self.per_iteration} needed per iteration"
+            )
+        self.iterations_per_epoch = size // self.per_iteration if per_rank > 0 else 0
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def indices(self, iteration: int, rank: int) -> list[int]:
+        if self.per_rank == 0:
+            return []
+        epoch, step = divmod(iteration, self.iterations_per_epoch)
+        perm = self._permutation(epoch)
+        start = step * self.per_iteration + rank * self.per_rank
+        return perm[start : start + self.per_rank].tolist()
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._cache:
+            if len(self._cache) >= 4:
+                self._cache.pop(next(iter(self._cache)))
+            generator = torch.Generator().manual_seed(_stream_seed(self.seed, self.stream, epoch))
+            self._cache[epoch] = torch.randperm(self.size, generator=generator)
+        return self._cache[epoch]
+
+
+class IterationDataset(Dataset):
+    """Map-style dataset whose item ``i`` is the whole training batch of iteration ``i``."""
+
+    def __init__(
+        self,
+        prompts: list[Example],
+        expert: list[Example],
+        *,
+        num_iterations: int,
+        prompts_per_step: int,
+        expert_per_step: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.prompts, self.expert = prompts, expert
+        self.num_iterations, self.rank = num_iterations, rank
+        self.prompt_sampler = EpochSampler(len(prompts), prompts_per_step, world_size, seed, "prompts")
+        self.expert_sampler = EpochSampler(len(expert), expert_per_step, world_size, seed, "expert")
+
+    def __len__(self) -> int:
+        return self.num_iterations
+
+    def __getitem__(self, iteration: int) -> dict[str, list[str]]:
+        if not 0 <= iteration < self.num_iterations:
+            raise IndexError(iteration)
+        prompts = [self.prompts[i] for i in self.prompt_sampler.indices(iteration, self.rank)]
+        expert = [self.expert[i] for i in self.expert_sampler.indices(iteration, self.rank)]
+        return {
+            "prompts": [e.prompt for e in prompts],
+            "answers": [e.answer for e in prompts],
+            "expert_prompts": [e.prompt for e in expert],
+            "expert_responses": [e.response for e in expert],
+        }
+
+
+class _IterationSampler(DistributedSampler):
+    """Yields iterations ``start .. num_iterations - 1`` in order.
+
+    It subclasses DistributedSampler only so that Lightning does not wrap the loader in its
+    own distributed sampler: sharding across ranks already happens inside each batch.
+    """
+
+    def __init__(self, dataset: IterationDataset, start: int) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+        self.start = start
+        self.stop = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.start, self.stop))
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
+def _collate_eval(examples: list[Example]) -> dict[str, list[str]]:
+    return {"prompts": [e.prompt for e in examples], "answers": [e.answer for e in examples]}
+
+
+class HybridDataModule(L.LightningDataModule):
+    """Expert demonstrations, RL prompts and eval sets for hybrid SFT + RL training.
+
+    Args:
+        expert: demonstrations (records need a response) for SFT and SFT mixing.
+        prompts: questions with gold answers for RL rollouts.
+        eval_sets: named evaluation sets, one validation dataloader each.
+        synthetic: generate the arithmetic task instead; its train split gives both expert
+            and prompts, its test split the eval set ``"synthetic"`` (with any ``eval_sets``).
+        num_iterations: total SFT + RL iterations; the train loader yields one batch each.
+        prompts_per_step: RL prompts per iteration and process.
+        expert_per_step: expert demonstrations per iteration and process.
+        eval_size: keep the first ``eval_size`` records of each eval set.
+        eval_batch_size: prompts per validation batch.
+        seed: seeds the sampling order (independent of the global seed).
+
+    ``start_iteration`` (set by the trainer on resume) is the first iteration yielded.
+    Rank and world size come from the attached trainer, or from ``rank``/``world_size``
+    attributes when used without one.
+    """
+
+    def __init__(
+        self,
+        expert: DataSource | None = None,
+        prompts: DataSource | None = None,
+        eval_sets: dict[str, DataSource] | None = None,
+        synthetic: SyntheticArithmetic | None = None,
+        num_iterations: int = 100,
+        prompts_per_step: int = 8,
+        expert_per_step: int = 8,
+        eval_size: int | None = None,
+        eval_batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if synthetic is not None and (expert is not None or prompts is not None):
+            raise ValueError("give either synthetic or expert/prompts data, not both")
+        if synthetic is None and expert is None and prompts is None:
+            raise ValueError("no training data: give expert and/or prompts, or synthetic")
+        if num_iterations < 1 or prompts_per_step < 0 or expert_per_step < 0:
+            raise ValueError("num_iterations must be >= 1, per-step counts >= 0")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        self.expert_source, self.prompt_source = expert, prompts
+        self.eval_sources = dict(eval_sets or {})
+        if synthetic is not None and "synthetic" in self.eval_sources:
+            raise ValueError("eval set name 'synthetic' is taken by the synthetic task")
+        self.synthetic = synthetic
+        self.num_iterations = num_iterations
+        self.prompts_per_step, self.expert_per_step = prompts_per_step, expert_per_step
+        self.eval_size, self.eval_batch_size, self.seed = eval_size, eval_batch_size, seed
+        self.start_iteration = 0
+        self.rank: int | None = None
+        self.world_size: int | None = None
+        self.expert_examples: list[Example] = []
+        self.prompt_examples: list[Example] = []
+        self.eval_examples: dict[str, list[Example]] = {}
+        self._loaded = False
+
+    @property
+    def eval_set_names(self) -> list[str]:
+        """Names of the validation dataloaders, in dataloader order."""
+        names = ["synthetic"] if self.synthetic is not None else []
+        return names + list(self.eval_sources)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._loaded:
+            return
+        if self.synthetic is not None:
+            train = self.synthetic.generate(split="train")
+            self.expert_examples, self.prompt_examples = train, train
+            test = self.synthetic.generate(split="test")
+            self.eval_examples["synthetic"] = test[: self.eval_size] if self.eval_size else test
+        else:
+            self.expert_examples = self.expert_source.load() if self.expert_source else []
+            self.prompt_examples = self.prompt_source.load() if self.prompt_source else []
+        for name, source in self.eval_sources.items():
+            examples = source.load()
+            self.eval_examples[name] = examples[: self.eval_size] if self.eval_size else examples
+        missing = [i for i, e in enumerate(self.expert_examples) if not e.response]
+        if self.expert_per_step and missing:
+            raise DataError(
+                f"expert data: {len(missing)} records without a response (first: record {missing[0] + 1})"
+            )
+        if self.expert_per_step and not self.expert_examples:
+            raise DataError("expert_per_step > 0 but no expert data was given")
+        if self.prompts_per_step and not self.prompt_examples:
+            raise DataError("prompts_per_step > 0 but no prompt data was given")
+        self._loaded = True
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.rank is not None:
+            return self.rank, self.world_size or 1
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        return 0, 1
+
+    def train_dataset(self) -> IterationDataset:
+        """The per-iteration batches of this process (rank)."""
+        self.setup("fit")
+        rank, world_size = self._rank_and_world()
+        return IterationDataset(
+            self.prompt_examples,
+            self.expert_examples,
+            num_iterations=self.num_iterations,
+            prompts_per_step=self.prompts_per_step,
+            expert_per_step=self.expert_per_step,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        if not 0 <= self.start_iteration <= self.num_iterations:
+            raise ValueError(f"start_iteration {self.start_iteration} outside [0, {self.num_iterations}]")
+        sampler = _IterationSampler(dataset, self.start_iteration)
+        return DataLoader(dataset, batch_size=None, sampler=sampler, shuffle=False, num_workers=0)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self.setup("validate")
+        return [
+            DataLoader(
+                self.eval_examples[name],
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                num_workers=0,
+                collate_fn=_collate_eval,
+            )
+            for name in self.eval_set_names
+        ]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self.val_dataloader()

@@ -1,0 +1,274 @@
+"""Loading question/solution/answer records from local files or the Hugging Face hub.
+
+Nothing is dropped silently: a row that lacks what its layout needs raises ``DataError``
+naming the file, the 1-based line (or record) number and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from egspo.rewards.extraction import last_boxed
+
+Layout = Literal["auto", "gsm8k", "math", "generic"]
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+_MATH_TRAILER = "The answer is:"
+# Source field names per layout, for the logical fields prompt / response / answer.
+_DEFAULT_FIELDS: dict[str, dict[str, str | None]] = {
+    "gsm8k": {"prompt": "question", "response": "answer", "answer": None},
+    "math": {"prompt": "problem", "response": "solution", "answer": "answer"},
+    "generic": {"prompt": "prompt", "response": "response", "answer": "answer"},
+}
+
+
+class DataError(ValueError):
+    """A data file or row that cannot be used; the message names file, line and field."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One problem: the raw question, an expert solution when known, the gold final answer."""
+
+    prompt: str
+    response: str | None
+    answer: str
+
+
+@dataclass
+class DataSource:
+    """Where a data set lives and how to read it (one YAML block per set).
+
+    ``path``: a local .jsonl/.json/.parquet file, a folder holding ``{split}.jsonl`` (or
+    .json/.parquet), or a hub dataset id. ``subset``: the hub configuration name (e.g.
+    ``main`` for ``openai/gsm8k``). ``fields`` renames the logical fields ``prompt``,
+    ``response`` and ``answer`` to the file's keys (``None`` marks a field as absent).
+    ``limit`` keeps the first ``limit`` records.
+    """
+
+    path: str
+    split: str | None = None
+    layout: Layout = "auto"
+    fields: dict[str, str | None] | None = None
+    limit: int | None = None
+    subset: str | None = None
+
+    def load(self) -> list[Example]:
+        return load_examples(
+            self.path,
+            split=self.split,
+            layout=self.layout,
+            fields=self.fields,
+            limit=self.limit,
+            subset=self.subset,
+        )
+
+
+def gsm8k_final_answer(solution: str) -> str | None:
+    """The number after the last ``####`` with thousands commas removed, or None."""
+    if "####" not in solution:
+        return None
+    answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
+    return answer or None
+
+
+def split_math_solution(solution: str) -> tuple[str, str | None]:
+    """``(solution, final answer)`` of a MATH-style solution.
+
+    A trailing ``The answer is: X`` line (MetaMath style) gives the answer and is cut from
+    the solution; otherwise the answer is the content of the last ``\\boxed{}``.
+    """
+    if _MATH_TRAILER in solution:
+        body, _, answer = solution.rpartition(_MATH_TRAILER)
+        if answer.strip():
+            return body.rstrip(), answer.strip()
+    return solution, last_boxed(solution)
+
+
+def load_examples(
+    source: str,
+    *,
+    split: str | None = None,
+    layout: Layout = "auto",
+    fields: dict[str, str | None] | None = None,
+    limit: int | None = None,
+    subset: str | None = None,
+) -> list[Example]:
+    """Read ``source`` into Examples (see ``DataSource`` for the arguments).
+
+    Layouts: ``gsm8k`` (``question``; ``answer`` holds a solution ending ``#### N``;
+    answer = N without commas), ``math`` (``problem``; ``solution`` with ``\\boxed{}`` or a
+    ``The answer is:`` trailer; an ``answer`` field wins when present), ``generic``
+    (``prompt``, optional ``response``, ``answer``). ``auto`` decides from the first row.
+    """
+    if layout not in ("auto", *_DEFAULT_FIELDS):
+        raise DataError(f"unknown layout {layout!r}; expected auto, gsm8k, math or generic")
+    if limit is not None and limit < 1:
+        raise DataError(f"limit must be >= 1, got {limit}")
+    name, rows = _open_rows(source, split, subset)
+    examples: list[Example] = []
+    resolved: dict[str, str | None] | None = None
+    kind = layout
+    for where, row in rows:
+        if not isinstance(row, dict):
+            raise DataError(f"{name}:{where}: expected a JSON object, got {type(row).__name__}")
+        if resolved is None:
+            kind, defaults = _detect_layout(row) if layout == "auto" else (layout, _DEFAULT_FIELDS[layout])
+            resolved = {**defaults, **(fields or {})}
+        examples.append(_to_example(row, kind, resolved, f"{name}:{where}"))
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise DataError(f"{name}: no records found (empty file or split)")
+    return examples
+
+
+def _detect_layout(row: dict[str, Any]) -> tuple[str, dict[str, str | None]]:
+    """Layout and default field names, from the keys (and answer text) of the first row."""
+    if "problem" in row and "solution" in row:
+        return "math", _DEFAULT_FIELDS["math"]
+    if "question" in row and isinstance(row.get("answer"), str):
+        text = row["answer"]
+        if "####" in text:
+            return "gsm8k", _DEFAULT_FIELDS["gsm8k"]
+        if "\\boxed" in text or _MATH_TRAILER in text:
+            # MATH-500 / MetaMath files: `answer` holds the whole solution.
+            return "math", {"prompt": "question", "response": "answer", "answer": None}
+        return "generic", {"prompt": "question", "response": None, "answer": "answer"}
+    return "generic", _DEFAULT_FIELDS["generic"]
+
+
+def _field(row: dict[str, Any], key: str | None, where: str, logical: str, required: bool) -> str | None:
+    if key is None:
+        if required:
+            raise DataError(f"{where}: no source field mapped to required field {logical!r}")
+        return None
+    if key not in row or row[key] is None:
+        if required:
+            raise DataError(f"{where}: missing field {key!r} ({logical})")
+        return None
+    value = row[key]
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{where}: field {key!r} ({logical}) is empty")
+    return value
+
+
+def _to_example(row: dict[str, Any], kind: str, fields: dict[str, str | None], where: str) -> Example:
+    prompt = _field(row, fields.get("prompt"), where, "prompt", required=True)
+    if kind == "gsm8k":
+        key = fields.get("response")
+        response = _field(row, key, where, "response", required=True)
+        answer = _field(row, fields.get("answer"), where, "answer", required=False)
+        answer = answer or gsm8k_final_answer(response)
+        if not answer:
+            raise DataError(f"{where}: field {key!r} has no '#### <answer>' line")
+        return Example(prompt, response, answer.strip())
+    if kind == "math":
+        key = fields.get("response")
+        response = _field(row, key, where, "response", required=False)
+        answer_key = fields.get("answer")
+        answer = None if answer_key == key else _field(row, answer_key, where, "answer", required=False)
+        if response is not None:
+            response, derived = split_math_solution(response)
+            answer = answer or derived
+        if not answer or not answer.strip():
+            raise DataError(
+                f"{where}: no final answer: field {answer_key!r} is missing and field {key!r} "
+                "has no \\boxed{} or 'The answer is:'"
+            )
+        return Example(prompt, response, answer.strip())
+    response = _field(row, fields.get("response"), where, "response", required=False)
+    answer = _field(row, fields.get("answer"), where, "answer", required=True)
+    return Example(prompt, response, answer.strip())
+
+
+def _open_rows(source: str, split: str | None, subset: str | None) -> tuple[str, Iterator[tuple[str, Any]]]:
+    path = Path(os.path.expanduser(source))
+    if path.is_dir():
+        path = _file_in_folder(path, split)
+    if path.is_file():
+        return str(path), _read_file(path)
+    if _looks_local(source):
+        raise DataError(f"{source}: file not found")
+    return _hub_rows(source, split, subset)
+
+
+def _looks_local(source: str) -> bool:
+    return source.endswith(_LOCAL_SUFFIXES) or source.startswith(("/", "./", "../", "~", "."))
+
+
+def _file_in_folder(folder: Path, split: str | None) -> Path:
+    if split is None:
+        raise DataError(f"{folder}: is a folder; give a split to pick {{split}}.jsonl in it")
+    for suffix in _LOCAL_SUFFIXES:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"{folder}: no {split}.jsonl, {split}.json or {split}.parquet in this folder")
+
+
+def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
+    if path.suffix == ".jsonl":
+        return _read_jsonl(path)
+    if path.suffix == ".json":
+        return _read_json(path)
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
+    raise DataError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:line {number}: malformed JSON ({exc.msg})") from exc
+            yield f"line {number}", row
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:line {exc.lineno}: malformed JSON ({exc.msg})") from exc
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+    for number, row in enumerate(data, start=1):
+        yield f"record {number}", row
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"row {number}", row
+
+
+def _hub_rows(source: str, split: str | None, subset: str | None) -> tuple[str, Iterator[tuple[str, Any]]]:
+    import datasets
+
+    split = split or "train"
+    try:
+        dataset = datasets.load_dataset(source, subset, split=split)
+    except Exception as exc:
+        raise DataError(
+            f"could not load hub dataset {source!r} (subset={subset!r}, split={split!r}): {exc}. "
+            "Pass a local .jsonl/.json/.parquet path, or unset HF_HUB_OFFLINE and "
+            "HF_DATASETS_OFFLINE to allow downloads."
+        ) from exc
+    name = f"{source}[{split}]"
+    return name, ((f"row {number}", row) for number, row in enumerate(dataset, start=1))

@@ -1,0 +1,30 @@
+"""The reward interface: what the trainer calls and what every reward function returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class RewardOutput:
+    """Per-sample rewards ``[N]`` (float32) and batch metrics (plain floats, ready to log)."""
+
+    rewards: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RewardFunction:
+    """Base of reward functions, the YAML type of a reward (``class_path`` picks a subclass).
+
+    ``reward(completions, answers) -> RewardOutput``: one completion (decoded response text)
+    and one gold answer per sample. Must not raise on bad model output: a sample that
+    cannot be scored gets 0 and is counted in the metrics.
+    """
+
+    def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the reward holds (worker processes); it stays usable afterwards."""

@@ -1,0 +1,219 @@
+"""A pool of long-lived math-verify worker processes with a hard per-sample deadline.
+
+math-verify bounds its own run time with ``signal.alarm``, which works only in the main
+thread of the main process: not in DataLoader workers, callback threads or async rollout
+code. Sympy can also block inside a single C call (``9^{9^{9^9}}``) where no signal helps.
+So verification runs in child processes: each request gets ``timeout_seconds`` of wall
+time, after which its worker is killed and replaced. The children are plain scripts
+started with ``subprocess`` (fork + exec), which is safe from a process with threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+_WORKER_SCRIPT = Path(__file__).with_name("_verify_worker.py")
+# A request that kills this many workers in a row is reported as an error, not retried.
+_MAX_ATTEMPTS = 2
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """Outcome of one request: whether the gold parsed, whether the prediction matched."""
+
+    gold_ok: bool
+    correct: bool
+    status: Literal["ok", "timeout", "error"]
+
+
+class _Worker:
+    def __init__(self, soft_timeout: float) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(_WORKER_SCRIPT), f"{soft_timeout:.3f}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        self.fd = self.proc.stdout.fileno()
+        self.buffer = b""
+        self.ready = False
+        self.task: int | None = None
+        self.deadline = 0.0
+        self.started = time.monotonic()
+
+    def send(self, task: int, payload: bytes, deadline: float) -> bool:
+        self.task, self.deadline = task, deadline
+        try:
+            self.proc.stdin.write(payload)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            return False
+        return True
+
+    def read_lines(self) -> list[dict] | None:
+        """Complete reply lines available now; None at end of file (the worker died)."""
+        chunk = os.read(self.fd, 1 << 16)
+        if not chunk:
+            return None
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+
+
+def _readable(fds: list[int], timeout: float | None) -> set[int]:
+    """File descriptors with data or end of file (poll, unlike select, takes any fd number)."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    millis = None if timeout is None else max(0, int(timeout * 1000) + 1)
+    return {fd for fd, _ in poller.poll(millis)}
+
+
+def _shutdown(workers: list[_Worker]) -> None:
+    for worker in workers:
+        worker.kill()
+    workers.clear()
+
+
+class VerifierPool:
+    """Runs ``(pred, gold)`` verification requests on ``num_workers`` child processes.
+
+    Workers start on first use and stay alive between calls (start-up imports sympy,
+    about a second). Each request has ``timeout_seconds`` of wall time; the worker's own
+    timer fires at ``soft_fraction`` of it so most timeouts cost no restart. A pool used
+    after ``fork`` starts fresh workers in the child and leaves the parent's alone.
+    """
+
+    def __init__(
+        self,
+        num_workers: int = 2,
+        timeout_seconds: float = 2.0,
+        soft_fraction: float = 0.8,
+        startup_timeout: float = 120.0,
+    ) -> None:
+        if num_workers < 1:
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if timeout_seconds <= 0:
+            raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
+        if os.name != "posix":
+            raise RuntimeError("VerifierPool needs a POSIX system (poll on pipes, SIGALRM).")
+        self.num_workers = num_workers
+        self.timeout_seconds = timeout_seconds
+        self.soft_timeout = timeout_seconds * soft_fraction
+        self.startup_timeout = startup_timeout
+        self.restarts = 0
+        self._workers: list[_Worker] = []
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+
+    def run(self, requests: list[tuple[str | None, str]]) -> list[VerifyResult]:
+        """Verify each ``(pred, gold)``; ``pred=None`` only checks that the gold parses."""
+        if not requests:
+            return []
+        with self._lock:
+            self._ensure_workers()
+            return self._run(requests)
+
+    def close(self) -> None:
+        """Stop the workers (they also exit on their own when this process ends)."""
+        if os.getpid() == self._pid:
+            _shutdown(self._workers)
+
+    def _ensure_workers(self) -> None:
+        if os.getpid() != self._pid:  # forked: the inherited workers belong to the parent
+            self._workers = []
+            self._pid = os.getpid()
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker(self.soft_timeout))
+
+    def _replace(self, worker: _Worker) -> None:
+        worker.kill()
+        self._workers[self._workers.index(worker)] = _Worker(self.soft_timeout)
+        self.restarts += 1
+
+    def _run(self, requests: list[tuple[str | None, str]]) -> list[VerifyResult]:
+        payloads = [(json.dumps({"pred": p, "gold": g}) + "\n").encode() for p, g in requests]
+        results: list[VerifyResult | None] = [None] * len(requests)
+        attempts = [0] * len(requests)
+        queue = list(range(len(requests)))[::-1]
+        remaining = len(requests)
+
+        def fail(worker: _Worker, status: Literal["timeout", "error"]) -> None:
+            nonlocal remaining
+            task = worker.task
+            worker.task = None
+            self._replace(worker)
+            if task is None:
+                return
+            attempts[task] += 1
+            if status == "error" and attempts[task] < _MAX_ATTEMPTS:
+                queue.append(task)  # a crash may be unrelated to this request: retry once
+            else:
+                results[task] = VerifyResult(False, False, status)
+                remaining -= 1
+
+        while remaining:
+            now = time.monotonic()
+            for worker in list(self._workers):
+                if worker.ready and worker.task is None and queue:
+                    task = queue.pop()
+                    if not worker.send(task, payloads[task], now + self.timeout_seconds):
+                        fail(worker, "error")
+            waits = []
+            for worker in self._workers:
+                if not worker.ready:
+                    waits.append(worker.started + self.startup_timeout)
+                elif worker.task is not None:
+                    waits.append(worker.deadline)
+            timeout = max(0.0, min(waits) - time.monotonic()) if waits else None
+            readable = _readable([w.fd for w in self._workers], timeout)
+            for worker in [w for w in self._workers if w.fd in readable]:
+                lines = worker.read_lines()
+                if lines is None:
+                    if not worker.ready:
+                        raise RuntimeError("math-verify worker exited during start-up")
+                    fail(worker, "error")
+                    continue
+                for message in lines:
+                    if "fatal" in message:
+                        raise RuntimeError(f"math-verify worker cannot start: {message['fatal']}")
+                    if message.get("ready"):
+                        worker.ready = True
+                    elif worker.task is not None:
+                        results[worker.task] = VerifyResult(
+                            bool(message["gold_ok"]), bool(message["correct"]), message["status"]
+                        )
+                        worker.task = None
+                        remaining -= 1
+            now = time.monotonic()
+            for worker in list(self._workers):
+                if worker.task is not None and now >= worker.deadline:
+                    fail(worker, "timeout")
+                elif not worker.ready and now >= worker.started + self.startup_timeout:
+                    raise RuntimeError(
+                        f"math-verify worker did not start within {self.startup_timeout:.0f} s"
+                    )
+        return results  # type: ignore[return-value]

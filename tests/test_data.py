@@ -1,0 +1,327 @@
+"""Record loading, prompt formatting and the HybridDataModule."""
+
+import json
+import time
+
+import jsonargparse
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from egspo.data import (
+    BOXED_INSTRUCTION,
+    DataError,
+    DataSource,
+    Example,
+    HybridDataModule,
+    SyntheticArithmetic,
+    format_prompt,
+    load_examples,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --- real files ---------------------------------------------------------------------------
+
+
+def test_gsm8k_layout(gsm8k_train_path, gsm8k_test_path):
+    train, test = load_examples(str(gsm8k_train_path)), load_examples(str(gsm8k_test_path))
+    assert (len(train), len(test)) == (7473, 1319)
+    for example in test:
+        last_line = example.response.rstrip().rsplit("\n", 1)[1]
+        assert last_line.startswith("#### ") and last_line[5:].replace(",", "") == example.answer
+        assert example.answer.lstrip("-").isdigit()
+    with_commas = [e for e in test if "#### " in e.response and "," in e.response.rsplit("####", 1)[1]]
+    assert with_commas and all(e.answer.isdigit() for e in with_commas)  # e.g. 1,450,000 -> 1450000
+
+
+def test_folder_and_split(gsm8k_test_path):
+    examples = load_examples(str(gsm8k_test_path.parent), split="test", limit=5)
+    assert examples == load_examples(str(gsm8k_test_path))[:5]
+    with pytest.raises(DataError, match="give a split"):
+        load_examples(str(gsm8k_test_path.parent))
+    with pytest.raises(DataError, match=r"no validation\.jsonl"):
+        load_examples(str(gsm8k_test_path.parent), split="validation")
+
+
+def test_math500_layout(math500_path):
+    examples = load_examples(str(math500_path))
+    assert len(examples) == 500
+    raw = [json.loads(line) for line in math500_path.read_text().splitlines()]
+    for example, row in zip(examples, raw, strict=True):
+        assert example.prompt == row["question"]
+        assert example.answer == row["answer"].rsplit("The answer is:", 1)[1].strip()
+        assert "The answer is:" not in example.response and "\\boxed" in example.response
+    explicit = load_examples(
+        str(math500_path), layout="math", fields={"prompt": "question", "response": "answer"}
+    )
+    assert explicit == examples
+
+
+# --- generic layouts and formats -----------------------------------------------------------
+
+
+def test_generic_jsonl_json_parquet_agree(tmp_path):
+    rows = [{"prompt": "1+1?", "response": "2", "answer": 2}, {"prompt": "2+2?", "answer": "4"}]
+    jsonl = write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pq.write_table(
+        pa.Table.from_pylist([{**r, "answer": str(r["answer"])} for r in rows]), tmp_path / "d.parquet"
+    )
+    expected = [Example("1+1?", "2", "2"), Example("2+2?", None, "4")]
+    for path in (jsonl, tmp_path / "d.json", tmp_path / "d.parquet"):
+        assert load_examples(str(path)) == expected
+
+
+def test_math_layout_with_boxed_or_answer_field(tmp_path):
+    rows = [
+        {"problem": "p1", "solution": r"so $\boxed{\frac{1}{2}}$."},
+        {"problem": "p2", "solution": "no box", "answer": "7"},
+    ]
+    examples = load_examples(str(write_jsonl(tmp_path / "m.jsonl", rows)))
+    assert [e.answer for e in examples] == [r"\frac{1}{2}", "7"]
+
+
+def test_field_mapping(tmp_path):
+    rows = [{"q": "What?", "final": "3", "work": "1+2=3"}]
+    path = write_jsonl(tmp_path / "x.jsonl", rows)
+    examples = load_examples(
+        str(path), layout="generic", fields={"prompt": "q", "answer": "final", "response": "work"}
+    )
+    assert examples == [Example("What?", "1+2=3", "3")]
+
+
+def test_limit(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": str(i), "answer": str(i)} for i in range(10)])
+    assert [e.prompt for e in load_examples(str(path), limit=3)] == ["0", "1", "2"]
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": \n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 3: malformed JSON"):
+        load_examples(str(path))
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    path = write_jsonl(tmp_path / "miss.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
+    with pytest.raises(DataError, match=r"miss\.jsonl:line 2: missing field 'answer'"):
+        load_examples(str(path))
+    path = write_jsonl(
+        tmp_path / "gsm.jsonl", [{"question": "a", "answer": "x\n#### 1"}, {"question": "b", "answer": "2"}]
+    )
+    with pytest.raises(DataError, match=r"gsm\.jsonl:line 2: field 'answer' has no '#### <answer>' line"):
+        load_examples(str(path))
+    path = write_jsonl(tmp_path / "math.jsonl", [{"problem": "a", "solution": "no answer"}])
+    with pytest.raises(DataError, match=r"math\.jsonl:line 1: no final answer"):
+        load_examples(str(path))
+    path = write_jsonl(tmp_path / "type.jsonl", [{"prompt": ["a"], "answer": "1"}])
+    with pytest.raises(DataError, match=r"type\.jsonl:line 1: field 'prompt' must be a string"):
+        load_examples(str(path))
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": ""}]))
+    with pytest.raises(DataError, match=r"arr\.json:record 2: field 'answer' \(answer\) is empty"):
+        load_examples(str(path))
+
+
+@pytest.mark.parametrize("content", ["", "\n\n  \n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=r"empty\.jsonl: no records"):
+        load_examples(str(path))
+
+
+def test_missing_file_and_offline_hub(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        load_examples(str(tmp_path / "nope.jsonl"))
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"Pass a local \.jsonl/\.json/\.parquet path"):
+        load_examples("someone/some-dataset-that-is-not-cached", split="train")
+    assert time.perf_counter() - start < 30  # offline mode fails without network retries
+
+
+# --- prompts ----------------------------------------------------------------------------------
+
+
+def test_format_prompt_chat_template(tiny_tokenizer):
+    text = format_prompt(tiny_tokenizer, "What is 2+2?")
+    assert text.startswith("<|im_start|>user\nWhat is 2+2?\nSolve step by step")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    text = format_prompt(tiny_tokenizer, "Q", system_prompt="Be brief.", instruction=BOXED_INSTRUCTION)
+    assert text == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n"
+        f"<|im_start|>user\nQ\n{BOXED_INSTRUCTION}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert (
+        format_prompt(tiny_tokenizer, "Q", instruction=None)
+        == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def test_format_prompt_plain(tiny_tokenizer):
+    plain = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer)
+    assert not plain.chat_template
+    assert format_prompt(plain, "Q", instruction="Think.") == "Question: Q\nThink.\nAnswer:\n"
+    assert format_prompt(plain, "Q", system_prompt="S", instruction="") == "S\n\nQuestion: Q\nAnswer:\n"
+
+
+# --- DataModule --------------------------------------------------------------------------------
+
+
+def make_synthetic_dm(**kwargs) -> HybridDataModule:
+    task = SyntheticArithmetic(seed=1, train_size=300, test_size=50)
+    defaults = dict(synthetic=task, num_iterations=40, prompts_per_step=4, expert_per_step=3, seed=7)
+    return HybridDataModule(**{**defaults, **kwargs})
+
+
+def batches(dm, rank=0, world_size=1):
+    dm.rank, dm.world_size = rank, world_size
+    dataset = dm.train_dataset()
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_train_batches_are_pure_functions_of_seed_iteration_rank():
+    first = batches(make_synthetic_dm())
+    assert len(first) == 40
+    assert first == batches(make_synthetic_dm())
+    assert first != batches(make_synthetic_dm(seed=8))
+    assert batches(make_synthetic_dm(), 1, 2) == batches(make_synthetic_dm(), 1, 2)
+    # Random access gives the same batch as sequential access (what resume relies on).
+    dm = make_synthetic_dm()
+    dm.rank, dm.world_size = 0, 1
+    dataset = dm.train_dataset()
+    assert [dataset[i] for i in (33, 2, 17)] == [first[33], first[2], first[17]]
+    batch = first[0]
+    assert set(batch) == {"prompts", "answers", "expert_prompts", "expert_responses"}
+    assert len(batch["prompts"]) == len(batch["answers"]) == 4
+    assert len(batch["expert_prompts"]) == len(batch["expert_responses"]) == 3
+    assert all(r.endswith("#### " + r.rsplit("#### ", 1)[1]) for r in batch["expert_responses"])
+
+
+def test_ranks_are_disjoint_and_epochs_sample_without_replacement():
+    world = 3
+    per_rank = [batches(make_synthetic_dm(), rank, world) for rank in range(world)]
+    iterations_per_epoch = 300 // (4 * world)
+    for i in range(40):
+        seen = [p for rank in range(world) for p in per_rank[rank][i]["prompts"]]
+        assert len(seen) == len(set(seen)) == 4 * world
+    epoch = [p for i in range(iterations_per_epoch) for r in range(world) for p in per_rank[r][i]["prompts"]]
+    assert len(epoch) == len(set(epoch))  # no prompt twice within an epoch
+    next_epoch = [p for r in range(world) for p in per_rank[r][iterations_per_epoch]["prompts"]]
+    assert set(next_epoch) <= {e.prompt for e in SyntheticArithmetic(seed=1, train_size=300).generate()}
+
+
+def test_train_dataloader_starts_at_start_iteration():
+    dm = make_synthetic_dm()
+    full = list(dm.train_dataloader())
+    assert len(full) == 40
+    dm.start_iteration = 25
+    resumed = list(dm.train_dataloader())
+    assert resumed == full[25:]
+    assert isinstance(dm.train_dataloader().sampler, torch.utils.data.DistributedSampler)
+
+
+def test_lightning_fit_sees_every_iteration_once():
+    class Recorder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dm = make_synthetic_dm(num_iterations=6)
+    dm.start_iteration = 2
+    module = Recorder()
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)
+    dm.rank = None  # rank now comes from the trainer
+    expected = [dm.train_dataset()[i] for i in range(2, 6)]
+    assert module.seen == expected
+
+
+def test_validation_loaders():
+    dm = make_synthetic_dm(eval_batch_size=16, eval_size=40)
+    loaders = dm.val_dataloader()
+    assert dm.eval_set_names == ["synthetic"]
+    first = list(loaders[0])
+    assert [len(b["prompts"]) for b in first] == [16, 16, 8]
+    assert set(first[0]) == {"prompts", "answers"}
+
+
+def test_real_data_module(gsm8k_train_path, gsm8k_test_path, math500_path):
+    dm = HybridDataModule(
+        expert=DataSource(str(gsm8k_train_path)),
+        prompts=DataSource(str(gsm8k_train_path.parent), split="train"),
+        eval_sets={"gsm8k": DataSource(str(gsm8k_test_path)), "math500": DataSource(str(math500_path))},
+        num_iterations=5, prompts_per_step=2, expert_per_step=2, eval_size=100, eval_batch_size=32,
+    )  # fmt: skip
+    assert dm.eval_set_names == ["gsm8k", "math500"]
+    assert [sum(len(b["prompts"]) for b in dl) for dl in dm.val_dataloader()] == [100, 100]
+    batch = next(iter(dm.train_dataloader()))
+    assert all("####" in r for r in batch["expert_responses"])
+
+
+def test_datamodule_errors(tmp_path):
+    with pytest.raises(ValueError, match="either synthetic or expert/prompts"):
+        HybridDataModule(synthetic=SyntheticArithmetic(), prompts=DataSource("x.jsonl"))
+    with pytest.raises(ValueError, match="no training data"):
+        HybridDataModule()
+    small = write_jsonl(tmp_path / "p.jsonl", [{"prompt": str(i), "answer": str(i)} for i in range(5)])
+    dm = HybridDataModule(prompts=DataSource(str(small)), prompts_per_step=3, expert_per_step=0)
+    dm.rank, dm.world_size = 0, 2
+    with pytest.raises(DataError, match="5 records, fewer than 3 per step x 2 processes"):
+        dm.train_dataset()
+    dm = HybridDataModule(expert=DataSource(str(small)), expert_per_step=1, prompts_per_step=0)
+    with pytest.raises(DataError, match="without a response"):
+        dm.setup()
+    dm = HybridDataModule(prompts=DataSource(str(small)), expert_per_step=2)
+    with pytest.raises(DataError, match="no expert data"):
+        dm.setup()
+
+
+def test_jsonargparse_builds_datamodule_from_config():
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(HybridDataModule, "data")
+    config = parser.parse_object(
+        {
+            "data": {
+                "synthetic": {
+                    "seed": 3,
+                    "num_steps": 3,
+                    "operations": "+-*",
+                    "train_size": 100,
+                    "test_size": 20,
+                },
+                "eval_sets": {
+                    "gsm8k": {"path": "/data/gsm8k", "split": "test", "fields": {"prompt": "question"}}
+                },
+                "prompts_per_step": 2,
+            }
+        }
+    )
+    dm = parser.instantiate(config).data
+    assert isinstance(dm, HybridDataModule)
+    assert dm.synthetic == SyntheticArithmetic(
+        seed=3, num_steps=3, operations="+-*", train_size=100, test_size=20
+    )
+    assert dm.eval_sources["gsm8k"] == DataSource("/data/gsm8k", split="test", fields={"prompt": "question"})
+    assert dm.eval_set_names == ["synthetic", "gsm8k"]
