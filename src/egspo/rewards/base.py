@@ -9,10 +9,13 @@ from torch import Tensor
 
 @dataclass
 class RewardOutput:
-    """Per-sample rewards ``[N]`` (float32) and batch metrics (plain floats, ready to log)."""
+    """Per-sample rewards ``[N]`` (float32), batch metrics (plain floats, ready to log), and
+    ``correct`` ``[N]`` (bool) where the reward can tell a right final answer apart from any
+    shaping bonus (accuracy and entropy-by-correctness statistics use it)."""
 
     rewards: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    correct: Tensor | None = None
 
 
 class RewardFunction:

@@ -131,7 +131,7 @@ class MathReward(RewardFunction):
             "reward/verify_timeouts": float(status.count("timeout")),
             "reward/verifier_calls": float(len(pending)),
         }
-        return RewardOutput(rewards, metrics)
+        return RewardOutput(rewards, metrics, correct=torch.tensor(correct) > 0.5)
 
     @staticmethod
     def _apply(i: int, result: VerifyResult, correct: list, gold_ok: list, status: list) -> None:

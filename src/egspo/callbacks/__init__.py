@@ -1,0 +1,8 @@
+"""Callbacks: rollout generation, entropy statistics, gate-threshold schedule, progress bar."""
+
+from egspo.callbacks.entropy_stats import EntropyStatsLogger
+from egspo.callbacks.gate_scheduler import GateScheduler
+from egspo.callbacks.progress import PhaseProgressBar
+from egspo.callbacks.rollout import RolloutCallback
+
+__all__ = ["EntropyStatsLogger", "GateScheduler", "PhaseProgressBar", "RolloutCallback"]

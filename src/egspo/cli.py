@@ -1,0 +1,42 @@
+"""`python -m egspo fit|validate|test --config ...`: Lightning's CLI around the module and data."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from egspo.callbacks import PhaseProgressBar
+from egspo.data import HybridDataModule
+from egspo.module import HybridRLModule
+
+TRAINER_DEFAULTS = {
+    "max_epochs": 1,  # the train loader yields exactly one batch per iteration
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 1,
+    # Held-out evaluation during `fit` is the module's own (`eval_every_n_iterations`, and at
+    # the end of each phase); Lightning's validation loop serves `validate` and `test`.
+    "check_val_every_n_epoch": 2,
+    "callbacks": [PhaseProgressBar()],
+}
+
+
+class EGSPOCLI(LightningCLI):
+    """LightningCLI with the data's iteration count tied to the module's phases."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments(
+            ("model.sft_iterations", "model.rl_iterations"),
+            "data.init_args.num_iterations" if self.subclass_mode_data else "data.num_iterations",
+            compute_fn=lambda sft, rl: sft + rl,
+        )
+
+
+def main(args: list[str] | None = None) -> EGSPOCLI:
+    return EGSPOCLI(
+        HybridRLModule,
+        HybridDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
+        args=args if args is not None else sys.argv[1:],
+    )

@@ -1,0 +1,205 @@
+"""Loading the policy: a Hugging Face causal LM with optional LoRA, 4-bit weights and checkpointing.
+
+A policy comes from one of three places, named in YAML:
+- a hub id or a local directory (`name_or_path`), loaded with `AutoModelForCausalLM`;
+- a `transformers` config (`config: {model_type: qwen2, hidden_size: 128, ...}`) with random
+  weights, for tiny runs that download nothing.
+
+Hub access fails fast: a model that is neither a local path nor in the local cache is only
+fetched when the hub answers within a few seconds, so a machine without network gets a clear
+message instead of a retry loop.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+SYNTHETIC_TOKENIZER = "synthetic"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters (peft). The frozen base doubles as the KL reference policy."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class PolicyConfig:
+    """Where the policy and its tokenizer come from and how they are held in memory.
+
+    Args:
+        name_or_path: hub id or local directory of a pretrained causal LM.
+        config: keyword arguments of a `transformers` config (with `model_type`) for a randomly
+            initialised model; used when `name_or_path` is not given.
+        tokenizer: hub id or local directory of the tokenizer (default: `name_or_path`), or
+            "synthetic" for the locally built tokenizer of the synthetic arithmetic task.
+        dtype: parameter dtype: float32, bfloat16 or float16.
+        lora: low-rank adapters; the base weights are frozen.
+        load_in_4bit: QLoRA-style 4-bit NF4 base weights (bitsandbytes; needs `lora`).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        trust_remote_code: allow model code shipped with a checkpoint; off unless asked for.
+        attn_implementation: e.g. "sdpa", "flash_attention_2", "eager".
+    """
+
+    name_or_path: str | None = None
+    config: dict | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    lora: LoRAConfig | None = None
+    load_in_4bit: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.name_or_path is None) == (self.config is None):
+            raise ValueError(
+                "policy: give exactly one of `name_or_path` (pretrained) or `config` (random init)"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"policy.dtype: {self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.load_in_4bit and self.lora is None:
+            raise ValueError("policy.load_in_4bit: 4-bit base weights cannot be trained; add `policy.lora`")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("policy.config: needs `model_type` (e.g. qwen2, llama)")
+        if self.tokenizer is None and self.name_or_path is None:
+            raise ValueError(
+                "policy.tokenizer: a model built from `config` needs a tokenizer path or 'synthetic'"
+            )
+
+
+class HubUnreachableError(OSError):
+    """A hub id was named, it is not cached locally, and the hub cannot be reached."""
+
+
+def _is_local(name: str) -> bool:
+    return Path(name).expanduser().exists()
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def resolve_pretrained(loader, name: str, **kwargs):
+    """Call `loader.from_pretrained(name)`, from a local path or cache first, the hub only if it answers."""
+    if _is_local(name):
+        return loader.from_pretrained(str(Path(name).expanduser()), **kwargs)
+    try:
+        return loader.from_pretrained(name, local_files_only=True, **kwargs)
+    except OSError:
+        pass
+    if _offline() or not _hub_reachable():
+        raise HubUnreachableError(
+            f"{name!r} is not a local directory, is not in the Hugging Face cache, and the hub "
+            "cannot be reached (offline). Pass a local path, download it beforehand, or, with "
+            "network, unset HF_HUB_OFFLINE."
+        )
+    return loader.from_pretrained(name, **kwargs)
+
+
+def load_tokenizer(spec: PolicyConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer, left-padded for batched generation, with a pad token."""
+    name = spec.tokenizer or spec.name_or_path
+    if name == SYNTHETIC_TOKENIZER:
+        from egspo.data.tokenizer import synthetic_tokenizer
+
+        tokenizer = synthetic_tokenizer()
+    else:
+        tokenizer = resolve_pretrained(AutoTokenizer, name, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(spec: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Build or load the causal LM described by `spec`, ready to train."""
+    dtype = _DTYPES[spec.dtype]
+    kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    if spec.attn_implementation:
+        kwargs["attn_implementation"] = spec.attn_implementation
+    if spec.config is not None:
+        config_kwargs = dict(spec.config)
+        config_kwargs.setdefault("vocab_size", len(tokenizer))
+        if config_kwargs["vocab_size"] < len(tokenizer):
+            raise ValueError(
+                f"policy.config.vocab_size={config_kwargs['vocab_size']} is smaller than the "
+                f"tokenizer's {len(tokenizer)} tokens"
+            )
+        config_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        config_kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        config = AutoConfig.for_model(**config_kwargs)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    else:
+        if spec.load_in_4bit:
+            kwargs["quantization_config"] = _four_bit_config(dtype)
+        model = resolve_pretrained(AutoModelForCausalLM, spec.name_or_path, **kwargs)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    if spec.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+    elif spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = spec.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.target_modules,
+                task_type="CAUSAL_LM",
+            ),
+        )
+        if spec.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def _four_bit_config(compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
+    """The `transformers` model under peft wrappers (its decoder and lm_head are what we call)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
