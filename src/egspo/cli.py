@@ -6,7 +6,6 @@ import sys
 
 from lightning.pytorch.cli import LightningCLI
 
-from egspo.callbacks import PhaseProgressBar
 from egspo.data import HybridDataModule
 from egspo.module import HybridRLModule
 
@@ -17,7 +16,6 @@ TRAINER_DEFAULTS = {
     # Held-out evaluation during `fit` is the module's own (`eval_every_n_iterations`, and at
     # the end of each phase); Lightning's validation loop serves `validate` and `test`.
     "check_val_every_n_epoch": 2,
-    "callbacks": [PhaseProgressBar()],
 }
 
 

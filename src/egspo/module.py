@@ -166,9 +166,10 @@ class HybridRLModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
     def configure_callbacks(self):
-        from egspo.callbacks import RolloutCallback
+        from egspo.callbacks import RolloutCallback, phase_progress_bar
 
-        return [RolloutCallback()]
+        bar = phase_progress_bar(self.trainer.progress_bar_callback)
+        return [RolloutCallback()] + ([bar] if bar is not None else [])
 
     # ----------------------------------------------------------------- phases
     @property

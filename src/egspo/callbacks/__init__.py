@@ -2,7 +2,14 @@
 
 from egspo.callbacks.entropy_stats import EntropyStatsLogger
 from egspo.callbacks.gate_scheduler import GateScheduler
-from egspo.callbacks.progress import PhaseProgressBar
+from egspo.callbacks.progress import PhaseRichProgressBar, PhaseTQDMProgressBar, phase_progress_bar
 from egspo.callbacks.rollout import RolloutCallback
 
-__all__ = ["EntropyStatsLogger", "GateScheduler", "PhaseProgressBar", "RolloutCallback"]
+__all__ = [
+    "EntropyStatsLogger",
+    "GateScheduler",
+    "PhaseRichProgressBar",
+    "PhaseTQDMProgressBar",
+    "RolloutCallback",
+    "phase_progress_bar",
+]

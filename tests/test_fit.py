@@ -1,0 +1,147 @@
+"""End-to-end `fit` through the CLI: a tiny model, every method, real rollouts and rewards."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["grpo", "dapo", "chord_phi", "ce_gppo", "espo", "egspo"]
+TINY_MODEL = (
+    '{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,'
+    ' "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}'
+)
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_args(tmp_path: Path, *configs: str, sft: int = 2, rl: int = 2) -> list[str]:
+    args = ["fit"]
+    for config in configs:
+        args += ["--config", str(ROOT / config)]
+    return [
+        *args,
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--model.sft_iterations={sft}",
+        f"--model.rl_iterations={rl}",
+        "--model.num_generations=4",
+        "--model.max_completion_length=12",
+        "--model.eval_max_completion_length=12",
+    ]
+
+
+def _fit(tmp_path: Path, *configs: str, extra: tuple[str, ...] = (), sft: int = 2, rl: int = 2):
+    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
+    from egspo.data import HybridDataModule
+    from egspo.module import HybridRLModule
+
+    cli = EGSPOCLI(
+        HybridRLModule,
+        HybridDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=tiny_args(tmp_path, *configs, sft=sft, rl=rl)[1:] + list(extra),
+        run=False,
+    )
+    cli.model.configure_model()
+    before = {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, before
+
+
+DEMO_SMALL = (
+    "--data.prompts_per_step=2",
+    "--data.expert_per_step=4",
+    "--data.eval_size=8",
+    "--data.eval_batch_size=8",
+)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fit_every_method_switches_phase_and_learns(tmp_path, method):
+    cli, before = _fit(tmp_path, "configs/demo.yaml", f"configs/method/{method}.yaml", extra=DEMO_SMALL)
+    module = cli.model
+    assert module.iteration == 4 and module.phase == "rl"
+    metrics = cli.trainer.logged_metrics
+    for key in ("train/sft_loss", "train/rl_loss", "reward", "entropy"):
+        assert key in metrics, key
+        assert torch.isfinite(metrics[key]), key
+    assert set(module.summary) == {"sft", "rl"}
+    after = module.policy.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed, "no weight changed"
+    summary = Path(module.trainer.log_dir) / "summary.json"
+    assert summary.is_file()
+    import json
+
+    data = json.loads(summary.read_text())
+    assert 0.0 <= data["sft"]["accuracy"] <= 1.0 and 0.0 <= data["rl"]["accuracy"] <= 1.0
+    assert data["run_dir"] == str(summary.parent)
+
+
+def test_method_overlay_selects_its_loss(tmp_path):
+    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
+    from egspo.data import HybridDataModule
+    from egspo.losses import CEGPPOLoss, ChordPhiLoss, EGSPOLoss, ESPOLoss, PPOClipLoss
+    from egspo.module import HybridRLModule
+
+    expected = {
+        "grpo": (PPOClipLoss, 0.2, 0.0),
+        "dapo": (PPOClipLoss, 0.28, 0.0),
+        "chord_phi": (PPOClipLoss, 0.2, 0.1),
+        "ce_gppo": (CEGPPOLoss, 0.2, 0.0),
+        "espo": (ESPOLoss, None, 0.0),
+        "egspo": (EGSPOLoss, 0.2, 0.0),
+    }
+    for method, (cls, clip_high, mu) in expected.items():
+        cli = EGSPOCLI(
+            HybridRLModule,
+            HybridDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=tiny_args(tmp_path, "configs/demo.yaml", f"configs/method/{method}.yaml")[1:],
+            run=False,
+        )
+        loss = cli.model.policy_loss
+        assert type(loss) is cls, method
+        if clip_high is not None:
+            assert loss.clip_high == clip_high, method
+        assert cli.model.mu(0) == mu, method
+        assert isinstance(cli.model.sft_loss, ChordPhiLoss) == (method == "chord_phi")
+
+
+def test_qwen_math_config_runs_with_a_tiny_local_model(
+    tmp_path, gsm8k_train_path, gsm8k_test_path, math500_path
+):
+    cli, _before = _fit(
+        tmp_path,
+        "configs/qwen_math.yaml",
+        sft=1,
+        rl=1,
+        extra=(
+            "--model.policy.name_or_path=null",
+            f"--model.policy.config={TINY_MODEL}",
+            "--model.policy.tokenizer=synthetic",
+            "--model.policy.dtype=float32",
+            "--model.policy.gradient_checkpointing=false",
+            "--model.mini_batch_size=null",
+            "--model.sft_batch_size=null",
+            "--model.reward.init_args.num_workers=1",
+            f"--data.expert.path={gsm8k_train_path}",
+            "--data.expert.subset=null",
+            f"--data.prompts.path={gsm8k_train_path}",
+            "--data.prompts.subset=null",
+            f"--data.eval_sets={{'gsm8k': {{'path': '{gsm8k_test_path}', 'layout': 'gsm8k'}}, 'math500': {{'path': '{math500_path}'}}}}",
+            "--data.prompts_per_step=2",
+            "--data.expert_per_step=2",
+            "--data.eval_size=4",
+            "--data.eval_batch_size=4",
+            "--trainer.callbacks=[]",
+        ),
+    )
+    module = cli.model
+    assert module.iteration == 2
+    assert set(module.summary["rl"]) == {"gsm8k", "math500"}
+    assert torch.isfinite(cli.trainer.logged_metrics["train/rl_loss"])
