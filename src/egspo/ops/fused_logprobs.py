@@ -14,10 +14,14 @@ temperature ``T`` and target token ``y_n``::
 
 Why: materialising ``[B, T, V]`` logits in fp32 costs ``4 * B * T * V`` bytes (2.5 GB for 4096
 tokens of a 152k vocabulary), and autograd keeps several such tensors alive (logits, log-softmax,
-their gradients). Here rows are processed in chunks of ``chunk_size``; only one fp32 block
-``[chunk_size, V]`` exists at a time, the backward pass recomputes each chunk's logits from the
-saved hidden states, weight, targets and per-row log-sum-exp. On CPU the elementwise passes over
-a block run a few rows at a time so that they stay in cache.
+their gradients). Here rows are processed in chunks of ``chunk_size``; one fp32 block
+``[chunk_size, V]`` exists at a time (two in the frozen-weight forward pass, plus one in the
+input dtype for bf16/fp16 inputs), and the backward pass recomputes each chunk's logits from the
+saved hidden states, weight, targets and per-row log-sum-exp: four matmuls of ``N x V x D``
+instead of three, for a memory cost that no longer grows with ``N * V``. On CPU the elementwise
+passes over a block run on slices of tens of MB so that they stay in cache, and all buffers are
+allocated once per call (fresh multi-GB allocations cost page faults that the plain computation
+pays several times).
 
 The entropy is a detached statistic (it feeds the entropy gate, never the gradient).
 """
