@@ -1,8 +1,12 @@
-"""`python -m egspo fit|validate|test --config ...`: Lightning's CLI around the module and data."""
+"""`python -m egspo fit|validate|test --config ...`: Lightning's CLI around the module and data.
+
+`python -m egspo export CKPT --out DIR` writes a merged Hugging Face model (`egspo.export`).
+"""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -30,11 +34,16 @@ class EGSPOCLI(LightningCLI):
         )
 
 
-def main(args: list[str] | None = None) -> EGSPOCLI:
+def main(args: list[str] | None = None) -> EGSPOCLI | Path:
+    args = args if args is not None else sys.argv[1:]
+    if args[:1] == ["export"]:  # not a Trainer entry point: handled before LightningCLI
+        from egspo.export import main as export_main
+
+        return export_main(args[1:])
     return EGSPOCLI(
         HybridRLModule,
         HybridDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
         save_config_kwargs={"overwrite": True},
-        args=args if args is not None else sys.argv[1:],
+        args=args,
     )

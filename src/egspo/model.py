@@ -165,6 +165,7 @@ def load_policy(spec: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     if spec.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
+        _keep_4bit_trainable_on_cpu(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
     elif spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -197,6 +198,18 @@ def _four_bit_config(compute_dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
     )
+
+
+def _keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for CPU inference.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` in eval mode repacks its weight into a layout
+    whose matmul has no backward; rollouts run in eval mode, so the next update would fail
+    ("a view of a leaf Variable ... in-place operation"). The unpacked kernel serves both.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:

@@ -27,6 +27,7 @@ from torchmetrics import MeanMetric
 
 from egspo.advantages import group_advantages
 from egspo.data.prompts import format_prompt
+from egspo.distributed import FSDPConfig, gather_variable, shard_policy
 from egspo.losses import LossOutput, NLLLoss, PolicyLoss, SFTLoss, TokenBatch
 from egspo.model import PolicyConfig, load_policy, load_tokenizer
 from egspo.rewards import MathReward, RewardFunction, RewardOutput
@@ -74,6 +75,8 @@ class HybridRLModule(LightningModule):
         eval_max_completion_length: greedy answer length on eval sets (default: max_completion_length).
         evaluate_at_phase_end: measure held-out accuracy after SFT and after RL, into summary.json.
         eval_every_n_iterations: also measure it every n iterations (logged as `val/<set>/accuracy`).
+        fsdp: FSDP2 options under `ModelParallelStrategy`, which shards each decoder layer and
+            the root (see `egspo.distributed`); ignored by other strategies.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class HybridRLModule(LightningModule):
         eval_max_completion_length: int | None = None,
         evaluate_at_phase_end: bool = True,
         eval_every_n_iterations: int | None = None,
+        fsdp: FSDPConfig | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["policy_loss", "sft_loss", "reward", "optimizer", "lr_scheduler"])
@@ -120,6 +124,7 @@ class HybridRLModule(LightningModule):
         if sft_iterations < 0 or rl_iterations < 0:
             raise ValueError("sft_iterations and rl_iterations must be >= 0")
         self.policy_spec = policy
+        self.fsdp_config = fsdp if fsdp is not None else FSDPConfig()
         self.policy_loss = policy_loss if policy_loss is not None else _default_policy_loss()
         self.sft_loss = sft_loss if sft_loss is not None else NLLLoss()
         self.reward = reward if reward is not None else MathReward()
@@ -143,20 +148,22 @@ class HybridRLModule(LightningModule):
         self.last_experience: Experience | None = None
         self.automatic_optimization = False
 
-        self.train_reward = MeanMetric()
-        self.train_accuracy = MeanMetric()
-        self.train_length = MeanMetric()
-        self.train_truncated = MeanMetric()
+        # Step values over all ranks' rollouts, not the first rank's.
+        self.train_reward = MeanMetric(dist_sync_on_step=True)
+        self.train_accuracy = MeanMetric(dist_sync_on_step=True)
+        self.train_length = MeanMetric(dist_sync_on_step=True)
+        self.train_truncated = MeanMetric(dist_sync_on_step=True)
 
     # ----------------------------------------------------------------- set-up
     def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        self.policy = load_policy(self.policy_spec, self.tokenizer)
-        vocab_size = self.policy.config.vocab_size
-        for holder in (self.policy_loss, getattr(self.policy_loss, "gate", None)):
-            if holder is not None and getattr(holder, "vocab_size", False) is None:
-                holder.vocab_size = vocab_size
+        if self.policy is None:
+            self.policy = load_policy(self.policy_spec, self.tokenizer)
+            vocab_size = self.policy.config.vocab_size
+            for holder in (self.policy_loss, getattr(self.policy_loss, "gate", None)):
+                if holder is not None and getattr(holder, "vocab_size", False) is None:
+                    holder.vocab_size = vocab_size
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (once; FSDPStrategy wraps itself)
+            shard_policy(self.policy, self.device_mesh, self.fsdp_config)
 
     def configure_optimizers(self):
         params = [p for p in self.policy.parameters() if p.requires_grad]
@@ -407,8 +414,8 @@ class HybridRLModule(LightningModule):
         if gate is None:
             return None
         values = entropy[mask.bool()]
-        if self.trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            values = _gather_variable(values)
+        if self.trainer.world_size > 1:
+            values = gather_variable(values)
         return gate.threshold(values, torch.ones_like(values))
 
     def _rl_loss(self, mb: Experience, threshold: Tensor | None, batch: dict | None, mu: float) -> LossOutput:
@@ -446,6 +453,7 @@ class HybridRLModule(LightningModule):
                 norm = torch.nn.utils.clip_grad_norm_(
                     [p for p in self.policy.parameters() if p.grad is not None], self.hparams.max_grad_norm
                 )
+                norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2: DTensor
                 finite = bool(torch.isfinite(norm))
                 self.log("train/grad_norm", norm.detach().float())
         if finite:
@@ -617,20 +625,6 @@ def _correct(out: RewardOutput) -> Tensor:
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _gather_variable(values: Tensor) -> Tensor:
-    """Concatenate 1-D tensors of different lengths from all ranks."""
-    world = dist.get_world_size()
-    count = torch.tensor([values.numel()], device=values.device)
-    counts = [torch.zeros_like(count) for _ in range(world)]
-    dist.all_gather(counts, count)
-    width = int(max(c.item() for c in counts))
-    padded = values.new_zeros(width)
-    padded[: values.numel()] = values
-    gathered = [torch.zeros_like(padded) for _ in range(world)]
-    dist.all_gather(gathered, padded)
-    return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
 
 
 def _clock(device: torch.device) -> float:

@@ -1,7 +1,9 @@
 """Per-token log-probabilities and entropies of a causal LM, without `[B, T, V]` logits.
 
-The decoder runs once over the batch; only the hidden states that predict scored tokens go
-through the lm_head, chunk by chunk, in the fused op.
+The model runs once over the batch with no logits kept; a forward hook on its decoder sends
+only the hidden states that predict scored tokens through the lm_head weight, chunk by chunk,
+in the fused op. Doing this inside the model's forward is what makes it work with FSDP2, whose
+root unit gathers the lm_head weight in its forward pre-hook (and LoRA, DDP, FSDP1 alike).
 """
 
 from __future__ import annotations
@@ -41,22 +43,35 @@ def token_logprobs(
         through `logprobs` only.
     """
     causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.get_decoder()
-    hidden = decoder(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-    ).last_hidden_state
     predicts = score_mask[:, 1:].bool()
-    rows = hidden[:, :-1][predicts]
     targets = input_ids[:, 1:][predicts]
-    weight = causal_lm.get_output_embeddings().weight
-    logp, ent = fused_logprobs_entropy(rows, weight, targets, temperature=temperature, chunk_size=chunk_size)
-    logprobs = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+    out: dict[str, Tensor] = {}
+
+    def head(_module: torch.nn.Module, _args: tuple, output) -> None:
+        # Inside the causal LM's forward: under FSDP2 its root parameters (lm_head) are gathered.
+        hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        rows = hidden[:, :-1][predicts]
+        weight = causal_lm.get_output_embeddings().weight
+        out["logp"], out["entropy"] = fused_logprobs_entropy(
+            rows, weight, targets, temperature=temperature, chunk_size=chunk_size
+        )
+
+    handle = causal_lm.get_decoder().register_forward_hook(head)
+    try:
+        # No position is kept for the model's own logits: the lm_head runs on an empty slice.
+        causal_lm(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+            logits_to_keep=input_ids.new_zeros(0),
+        )
+    finally:
+        handle.remove()
+    logprobs = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
     entropy = torch.zeros_like(logprobs)
     scored = torch.zeros_like(score_mask, dtype=torch.bool)
     scored[:, 1:] = predicts
-    logprobs = logprobs.masked_scatter(scored, logp)
-    entropy = entropy.masked_scatter(scored, ent)
+    logprobs = logprobs.masked_scatter(scored, out["logp"])
+    entropy = entropy.masked_scatter(scored, out["entropy"])
     return logprobs, entropy

@@ -1,11 +1,13 @@
-"""Callbacks: rollout generation, entropy statistics, gate-threshold schedule, progress bar."""
+"""Callbacks: rollout generation, entropy statistics, gate-threshold schedule, progress bar, adapters."""
 
+from egspo.callbacks.adapters import AdapterExport
 from egspo.callbacks.entropy_stats import EntropyStatsLogger
 from egspo.callbacks.gate_scheduler import GateScheduler
 from egspo.callbacks.progress import PhaseRichProgressBar, PhaseTQDMProgressBar, phase_progress_bar
 from egspo.callbacks.rollout import RolloutCallback
 
 __all__ = [
+    "AdapterExport",
     "EntropyStatsLogger",
     "GateScheduler",
     "PhaseRichProgressBar",

@@ -1,0 +1,340 @@
+"""Training in two processes on CPU (gloo): FSDP2 through ModelParallelStrategy, and DDP.
+
+This file is also the training script the tests launch (`python tests/test_distributed.py ...`):
+Lightning's launcher starts the second process by running the same command again.
+
+Three runs see the same data:
+- FSDP2, 2 processes x k prompts, sampling for real; each rank records its rollouts;
+- DDP, 2 processes x k prompts, replaying those rollouts rank by rank;
+- one process x 2k prompts, replaying both ranks' rollouts.
+Generation is the only step whose random stream depends on the process layout, so replaying
+it makes the data identical while rewards, advantages, scoring, the gate and the updates run.
+
+What matches, and why: the loss is `seq-mean-token-mean`, and every rank holds the same number of
+sequences, so the mean of the ranks' losses (and of their gradients, which DDP and FSDP average)
+is the single-process loss (and gradient). The gate threshold is a quantile over the tokens
+of all ranks, hence the same everywhere. Equal up to float summation order (prompts are
+left-padded to different widths, reductions run in a different order): compared within 1e-5.
+With `token-mean`, ranks whose token counts differ would weigh tokens differently from one
+process, so such a comparison would only hold approximately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "model_type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+PROMPTS_PER_RANK = 2
+GENERATIONS = 4
+RL_ITERATIONS = 2
+
+
+# ---------------------------------------------------------------------- the training script
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class LengthReward:
+    """Reward = completion length / 16, capped at 1: varied within every group of a random model."""
+
+    def __call__(self, completions, answers):
+        from egspo.rewards import RewardOutput
+
+        rewards = torch.tensor([min(len(c), 16) / 16 for c in completions], dtype=torch.float32)
+        return RewardOutput(rewards=rewards)
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingEngine:
+    """Samples with the module's engine and saves each call's completions of this rank."""
+
+    def __init__(self, inner, out: Path) -> None:
+        self.inner, self.out, self.calls = inner, out, 0
+
+    def generate(self, model, input_ids, attention_mask, num_generations, **kwargs):
+        rollout = self.inner.generate(model, input_ids, attention_mask, num_generations, **kwargs)
+        torch.save(rollout.completion_ids.cpu(), self.out / f"rollout_it{self.calls}_rank{_rank()}.pt")
+        self.calls += 1
+        return rollout
+
+
+class ReplayEngine:
+    """Returns recorded completions (of one rank, or of several concatenated) after the prompts."""
+
+    def __init__(self, source: Path, ranks: list[int] | None, pad_token_id: int, eos_token_id: int) -> None:
+        self.source, self.ranks, self.calls = source, ranks, 0
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+
+    def generate(self, model, input_ids, attention_mask, num_generations, **kwargs):
+        from egspo.rollout import Rollout, completion_mask_from_eos
+
+        ranks = self.ranks if self.ranks is not None else [_rank()]
+        parts = [torch.load(self.source / f"rollout_it{self.calls}_rank{r}.pt") for r in ranks]
+        width = max(p.shape[1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=self.pad_token_id) for p in parts]
+        completions = torch.cat(parts).to(input_ids.device)
+        self.calls += 1
+        mask, truncated = completion_mask_from_eos(completions, self.eos_token_id)
+        prompt_mask = attention_mask.repeat_interleave(num_generations, dim=0)
+        return Rollout(
+            input_ids=torch.cat([input_ids.repeat_interleave(num_generations, dim=0), completions], dim=1),
+            attention_mask=torch.cat([prompt_mask, mask], dim=1),
+            completion_mask=mask,
+            truncated=truncated,
+            prompt_length=input_ids.shape[1],
+        )
+
+
+def train(args: argparse.Namespace) -> None:
+    """One tiny RL run; writes per-rank records (losses, thresholds, entropies, final weights)."""
+    from functools import partial
+
+    from lightning.pytorch import Callback, Trainer, seed_everything
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from egspo.cli import TRAINER_DEFAULTS
+    from egspo.data import HybridDataModule
+    from egspo.data.synthetic import SyntheticArithmetic
+    from egspo.distributed import full_state_dict, is_sharded
+    from egspo.losses import EGSPOLoss
+    from egspo.model import PolicyConfig
+    from egspo.module import HybridRLModule
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(0)
+    module = HybridRLModule(
+        policy=PolicyConfig(config=TINY, tokenizer="synthetic"),
+        policy_loss=EGSPOLoss(loss_agg_mode="seq-mean-token-mean"),
+        reward=LengthReward(),
+        sft_iterations=0,
+        rl_iterations=RL_ITERATIONS,
+        num_generations=GENERATIONS,
+        max_prompt_length=64,
+        max_completion_length=8,
+        optimizer=partial(torch.optim.SGD, lr=0.5),
+        evaluate_at_phase_end=False,
+    )
+    tok = module.tokenizer
+    if args.replay:
+        ranks = None if args.devices > 1 else list(range(args.replay_ranks))
+        module.engine = ReplayEngine(Path(args.replay), ranks, tok.pad_token_id, tok.eos_token_id)
+    else:
+        module.engine = RecordingEngine(module.engine, out)
+    data = HybridDataModule(
+        synthetic=SyntheticArithmetic(seed=0, train_size=64, test_size=8),
+        num_iterations=RL_ITERATIONS,
+        prompts_per_step=args.prompts,
+        expert_per_step=0,
+        seed=0,
+    )
+
+    class Record(Callback):
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            exp = pl_module.last_experience
+            metrics = trainer.callback_metrics
+            self.rows.append(
+                {
+                    "loss": float(metrics["train/rl_loss"]),
+                    "threshold": float(metrics["rl/gate_threshold"]),
+                    "reward": float(metrics["reward"]),
+                    "entropy": exp.entropy[exp.completion_mask.bool()].tolist(),
+                    "sharded": is_sharded(pl_module.policy),
+                }
+            )
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            state = full_state_dict(pl_module.policy)
+            if trainer.global_rank == 0:
+                torch.save(state, out / "initial_weights.pt")
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            rank = trainer.global_rank
+            torch.save(full_state_dict(pl_module.policy), out / f"weights_rank{rank}.pt")
+            (out / f"records_rank{rank}.json").write_text(json.dumps(self.rows))
+
+    strategy = {
+        "ddp": lambda: DDPStrategy(process_group_backend="gloo"),
+        "fsdp": lambda: ModelParallelStrategy(),
+        "single": lambda: "auto",
+    }[args.strategy]()
+    trainer = Trainer(
+        **TRAINER_DEFAULTS,
+        accelerator="cpu",
+        devices=args.devices,
+        strategy=strategy,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Record()],
+    )
+    trainer.fit(module, datamodule=data)
+    if args.strategy == "fsdp":  # a sharded checkpoint folder, one file per rank
+        trainer.save_checkpoint(out / "last.ckpt")
+
+
+# ---------------------------------------------------------------------- the tests
+def _launch(out: Path, strategy: str, devices: int, prompts: int, replay: Path | None = None) -> float:
+    cmd = [sys.executable, __file__, "--out", str(out), "--strategy", strategy]
+    cmd += ["--devices", str(devices), "--prompts", str(prompts)]
+    if replay is not None:
+        cmd += ["--replay", str(replay), "--replay-ranks", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    start = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return time.perf_counter() - start
+
+
+def _records(out: Path, rank: int) -> list[dict]:
+    return json.loads((out / f"records_rank{rank}.json").read_text())
+
+
+def _weights(out: Path, rank: int) -> dict[str, torch.Tensor]:
+    return torch.load(out / f"weights_rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """FSDP2 (sampling, recorded), then DDP and one process replaying the same rollouts."""
+    base = tmp_path_factory.mktemp("distributed")
+    paths = {name: base / name for name in ("fsdp", "ddp", "single")}
+    _launch(paths["fsdp"], "fsdp", 2, PROMPTS_PER_RANK)
+    _launch(paths["ddp"], "ddp", 2, PROMPTS_PER_RANK, replay=paths["fsdp"])
+    _launch(paths["single"], "single", 1, 2 * PROMPTS_PER_RANK, replay=paths["fsdp"])
+    return paths
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_processes_match_one_process(runs, strategy):
+    out, single = runs[strategy], runs["single"]
+    rows = [_records(out, 0), _records(out, 1)]
+    reference = _records(single, 0)
+    assert len(rows[0]) == len(rows[1]) == len(reference) == RL_ITERATIONS
+    assert all(r["sharded"] for r in rows[0]) == (strategy == "fsdp")
+    # Both ranks end with the same weights, and they are those of one process on the same data.
+    w0, w1 = _weights(out, 0), _weights(out, 1)
+    _assert_same_weights(w0, w1, atol=0)
+    ws = _weights(single, 0)
+    _assert_same_weights(w0, ws, atol=1e-5)
+    initial = torch.load(out / "initial_weights.pt")
+    assert any(not torch.equal(initial[k], w0[k]) for k in w0), "no weight changed"
+    for it in range(RL_ITERATIONS):
+        local = [rows[0][it]["loss"], rows[1][it]["loss"]]
+        assert local[0] != local[1]  # the ranks had different data
+        assert sum(local) / 2 == pytest.approx(reference[it]["loss"], abs=1e-5)
+        # Metrics are over both ranks: the logged reward is the single-process one.
+        assert rows[0][it]["reward"] == pytest.approx(reference[it]["reward"], abs=1e-6)
+        assert rows[1][it]["reward"] == pytest.approx(reference[it]["reward"], abs=1e-6)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_gate_threshold_is_the_quantile_of_all_ranks_tokens(runs, strategy):
+    from egspo.losses.gate import EntropyGate
+
+    out = runs[strategy]
+    rows = [_records(out, 0), _records(out, 1)]
+    reference = _records(runs["single"], 0)
+    gate = EntropyGate()
+    for it in range(RL_ITERATIONS):
+        union = torch.tensor(rows[0][it]["entropy"] + rows[1][it]["entropy"])
+        expected = float(gate.threshold(union, torch.ones_like(union)))
+        own = [torch.tensor(r[it]["entropy"]) for r in rows]
+        per_rank = [float(gate.threshold(v, torch.ones_like(v))) for v in own]
+        assert rows[0][it]["threshold"] == rows[1][it]["threshold"]
+        assert rows[0][it]["threshold"] == pytest.approx(expected, abs=1e-6)
+        assert per_rank[0] != per_rank[1]  # a per-rank quantile would have differed
+        assert reference[it]["threshold"] == pytest.approx(expected, abs=1e-5)
+
+
+@pytest.mark.distributed
+def test_export_reads_a_sharded_fsdp_checkpoint(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from egspo.export import export
+
+    checkpoint = runs["fsdp"] / "last.ckpt"
+    assert checkpoint.is_dir() and len(list(checkpoint.glob("*.distcp"))) == 2
+    model = AutoModelForCausalLM.from_pretrained(export(checkpoint, tmp_path / "hf"))
+    trained = _weights(runs["fsdp"], 0)
+    exported = model.state_dict()
+    for key, value in trained.items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_fsdp_multinode_config_selects_model_parallel_with_bf16_compute():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
+    from egspo.data import HybridDataModule
+    from egspo.module import HybridRLModule
+
+    cli = EGSPOCLI(
+        HybridRLModule,
+        HybridDataModule,
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=[
+            "--config",
+            str(ROOT / "configs/fsdp_multinode.yaml"),
+            "--model.policy.tokenizer=synthetic",
+            "--trainer.accelerator=cpu",
+            "--trainer.num_nodes=1",
+            "--trainer.devices=1",
+            "--trainer.strategy.init_args.tensor_parallel_size=1",
+        ],
+        run=False,
+    )
+    assert isinstance(cli.trainer.strategy, ModelParallelStrategy)
+    assert cli.model.fsdp_config.param_dtype == "bfloat16"
+    assert cli.model.fsdp_config.reduce_dtype == "float32"
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "single"], required=True)
+    parser.add_argument("--devices", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=PROMPTS_PER_RANK)
+    parser.add_argument("--replay", default=None)
+    parser.add_argument("--replay-ranks", type=int, default=2)
+    return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    train(_parse(sys.argv[1:]))

@@ -1,0 +1,176 @@
+"""LoRA and QLoRA: the KL reference is the base with adapters disabled, 4-bit training on CPU,
+adapters saved in PEFT format, and the single-GPU configs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from egspo.model import LoRAConfig, PolicyConfig, load_policy, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "model_type": "qwen2",
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+SMALL = [
+    "--trainer.accelerator=cpu",
+    "--trainer.precision=32-true",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--model.num_generations=4",
+    "--model.max_completion_length=8",
+    "--model.eval_max_completion_length=8",
+    "--model.mini_batch_size=null",
+    "--model.sft_batch_size=null",
+    "--model.policy.dtype=float32",
+    "--model.policy.gradient_checkpointing=false",
+    "--model.policy.lora={'r': 4, 'alpha': 8}",
+    "--model.policy_loss.init_args.beta=0.1",
+    "--data.prompts_per_step=2",
+    "--data.expert_per_step=2",
+    "--data.eval_size=4",
+    "--data.eval_batch_size=4",
+]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    """A tiny pretrained model on disk, with its tokenizer (4-bit loading needs `name_or_path`)."""
+    path = tmp_path_factory.mktemp("base")
+    spec = PolicyConfig(config=TINY, tokenizer="synthetic")
+    tokenizer = load_tokenizer(spec)
+    torch.manual_seed(0)
+    load_policy(spec, tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def fit(tmp_path: Path, config: str, *extra: str, sft: int = 1, rl: int = 2):
+    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
+    from egspo.data import HybridDataModule
+    from egspo.module import HybridRLModule
+
+    args = ["--config", str(ROOT / config), f"--trainer.default_root_dir={tmp_path}", *SMALL]
+    args += [f"--model.sft_iterations={sft}", f"--model.rl_iterations={rl}", *extra]
+    cli = EGSPOCLI(HybridRLModule, HybridDataModule, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False)
+    cli.model.configure_model()
+    before = {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli, before
+
+
+def test_reference_is_the_base_with_adapters_disabled_not_a_copy():
+    from egspo.module import HybridRLModule
+
+    spec = PolicyConfig(config=TINY, tokenizer="synthetic", lora=LoRAConfig(r=4, alpha=8))
+    module = HybridRLModule(policy=spec)
+    module.configure_model()
+    lms = [m for m in module.modules() if type(m).__name__ == "Qwen2ForCausalLM"]
+    assert len(lms) == 1, "the reference must not be a second model"
+    ids = torch.randint(3, 200, (2, 12))
+    mask = torch.ones_like(ids)
+    score_mask = torch.zeros(2, 12)
+    score_mask[:, 6:] = 1
+    torch.manual_seed(1)
+    for name, p in module.policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    with torch.no_grad():
+        trained = module.score(ids, mask, score_mask)[0]
+        with module.reference_context():
+            reference = module.score(ids, mask, score_mask)[0]
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.data.zero_()
+        base = module.score(ids, mask, score_mask)[0]
+    assert not torch.allclose(trained, reference, atol=1e-4)
+    torch.testing.assert_close(reference, base, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_lora_fit_with_kl_saves_peft_adapters(tmp_path, base_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    cli, before = fit(
+        tmp_path,
+        "configs/demo.yaml",
+        f"--model.policy.name_or_path={base_dir}",
+        "--model.policy.config=null",
+        "--model.policy.tokenizer=null",
+        "--trainer.callbacks+=egspo.callbacks.AdapterExport",
+    )
+    module = cli.model
+    metrics = cli.trainer.logged_metrics
+    assert module.needs_reference() and module.last_experience.ref_logprobs is not None
+    assert torch.isfinite(metrics["rl/kl"]) and float(metrics["rl/kl"]) > 0  # adapters moved away
+    after = module.policy.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+
+    run_dir = Path(cli.trainer.log_dir)
+    final = run_dir / "adapters" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapters" / "iteration=3" / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
+    ids, attn, _ = module.encode_prompts(["What is 3 + 4?", "What is 12 - 5?"])
+    with torch.no_grad():
+        module.policy.eval()
+        expected = module.policy(input_ids=ids, attention_mask=attn).logits
+        got = reloaded(input_ids=ids, attention_mask=attn).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_qlora_config_trains_4bit_on_cpu(tmp_path, base_dir, gsm8k_train_path, gsm8k_test_path):
+    """4-bit base + LoRA + KL, through rollouts (eval mode) and updates, with the QLoRA config."""
+    cli, before = fit(
+        tmp_path,
+        "configs/qwen_math_qlora.yaml",
+        f"--model.policy.name_or_path={base_dir}",
+        "--model.reward.init_args.num_workers=1",
+        f"--data.expert.path={gsm8k_train_path}",
+        "--data.expert.subset=null",
+        f"--data.prompts.path={gsm8k_train_path}",
+        "--data.prompts.subset=null",
+        f"--data.eval_sets={{'gsm8k': {{'path': '{gsm8k_test_path}', 'layout': 'gsm8k'}}}}",
+        "--trainer.callbacks=[]",
+    )
+    module = cli.model
+    assert module.iteration == 3
+    assert any(type(m).__name__ == "Linear4bit" for m in module.policy.modules())
+    metrics = cli.trainer.logged_metrics
+    for key in ("train/sft_loss", "train/rl_loss", "rl/kl"):
+        assert torch.isfinite(metrics[key]), key
+    after = module.policy.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all("lora_" in k for k in changed)
+
+
+def test_lora_config_selects_adapters_and_a_base_reference():
+    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
+    from egspo.data import HybridDataModule
+    from egspo.module import HybridRLModule
+
+    for config, four_bit in (("configs/qwen_math_lora.yaml", False), ("configs/qwen_math_qlora.yaml", True)):
+        cli = EGSPOCLI(
+            HybridRLModule,
+            HybridDataModule,
+            trainer_defaults=TRAINER_DEFAULTS,
+            args=[
+                "--config",
+                str(ROOT / config),
+                "--trainer.accelerator=cpu",
+                "--model.policy.tokenizer=synthetic",
+            ],
+            run=False,
+        )
+        spec = cli.model.policy_spec
+        assert spec.lora is not None and spec.load_in_4bit == four_bit
+        assert any(type(c).__name__ == "AdapterExport" for c in cli.trainer.callbacks)
