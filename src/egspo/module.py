@@ -14,11 +14,12 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -29,6 +30,7 @@ from egspo.advantages import group_advantages
 from egspo.data.prompts import format_prompt
 from egspo.distributed import FSDPConfig, gather_variable, shard_policy
 from egspo.losses import LossOutput, NLLLoss, PolicyLoss, SFTLoss, TokenBatch
+from egspo.metrics import EvalMetrics, resolve_pass_k
 from egspo.model import PolicyConfig, load_policy, load_tokenizer
 from egspo.rewards import MathReward, RewardFunction, RewardOutput
 from egspo.rollout import Experience, HFGenerateEngine
@@ -72,7 +74,11 @@ class HybridRLModule(LightningModule):
         logprob_chunk_size: rows per chunk in the fused log-prob/entropy op.
         max_sft_length: expert sequences are truncated to this many tokens.
         system_prompt, instruction: prompt formatting (chat template when the tokenizer has one).
-        eval_max_completion_length: greedy answer length on eval sets (default: max_completion_length).
+        eval_max_completion_length: answer length on eval sets (default: max_completion_length).
+        eval_num_samples: answers per eval prompt for pass@k, maj@k, length and truncation rate;
+            sampled at the training temperature when > 1, else the greedy answer. The headline
+            `accuracy` is always the greedy answer's.
+        eval_pass_k: the k of pass@k and maj@k (default: 1 and eval_num_samples).
         evaluate_at_phase_end: measure held-out accuracy after SFT and after RL, into summary.json.
         eval_every_n_iterations: also measure it every n iterations (logged as `val/<set>/accuracy`).
         fsdp: FSDP2 options under `ModelParallelStrategy`, which shards each decoder layer and
@@ -108,6 +114,8 @@ class HybridRLModule(LightningModule):
         system_prompt: str | None = None,
         instruction: str | None = None,
         eval_max_completion_length: int | None = None,
+        eval_num_samples: int = 1,
+        eval_pass_k: list[int] | None = None,
         evaluate_at_phase_end: bool = True,
         eval_every_n_iterations: int | None = None,
         fsdp: FSDPConfig | None = None,
@@ -123,6 +131,7 @@ class HybridRLModule(LightningModule):
         )
         if sft_iterations < 0 or rl_iterations < 0:
             raise ValueError("sft_iterations and rl_iterations must be >= 0")
+        self.eval_pass_k = resolve_pass_k(eval_num_samples, eval_pass_k)
         self.policy_spec = policy
         self.fsdp_config = fsdp if fsdp is not None else FSDPConfig()
         self.policy_loss = policy_loss if policy_loss is not None else _default_policy_loss()
@@ -144,8 +153,12 @@ class HybridRLModule(LightningModule):
         self.policy: torch.nn.Module | None = None
         self.iteration = 0
         self.summary: dict[str, Any] = {}
+        self.summary_metrics: dict[str, dict[str, dict[str, float]]] = {}
+        self._stage_metrics: dict[str, EvalMetrics] = {}
         self._nonfinite_streak = 0
         self.last_experience: Experience | None = None
+        # Loss metrics of the last RL mini-batch (gate threshold, branch fractions), for diagnostics.
+        self.last_rl_metrics: dict[str, Tensor] = {}
         self.automatic_optimization = False
 
         # Step values over all ranks' rollouts, not the first rank's.
@@ -197,8 +210,7 @@ class HybridRLModule(LightningModule):
 
     def _enter_rl(self) -> None:
         if self.hparams.evaluate_at_phase_end and "sft" not in self.summary:
-            self.summary["sft"] = self.evaluate_held_out()
-            self._log_eval(self.summary["sft"])
+            self._evaluate_phase("sft")
             rank_zero_info(f"held-out accuracy after the warm-up: {_fmt(self.summary['sft'])}")
         if self.hparams.rl_learning_rate is not None:
             for group in self.optimizers().optimizer.param_groups:
@@ -349,7 +361,7 @@ class HybridRLModule(LightningModule):
         self.log("iteration", float(self.iteration), prog_bar=False)
         every = self.hparams.eval_every_n_iterations
         if every and self.iteration % every == 0 and self.iteration < self.total_iterations:
-            self._log_eval(self.evaluate_held_out())
+            self._log_eval(self.evaluate_held_out_metrics())
         if self.iteration >= self.total_iterations:
             self.trainer.should_stop = True
 
@@ -389,6 +401,7 @@ class HybridRLModule(LightningModule):
         t1 = _clock(self.device)
 
         self.last_experience = experience
+        self.last_rl_metrics = last.metrics
         self.train_reward(experience.rewards.mean())
         self.train_accuracy(experience.correct.float().mean())
         self.train_length(experience.completion_mask.sum(1).float().mean())
@@ -479,74 +492,136 @@ class HybridRLModule(LightningModule):
     @torch.no_grad()
     def answer(self, questions: list[str], max_new_tokens: int | None = None) -> list[str]:
         """Greedy answers to `questions`."""
+        return self._eval_rollout(questions, 1, max_new_tokens=max_new_tokens)[0]
+
+    def _eval_rollout(
+        self,
+        questions: list[str],
+        num_samples: int,
+        *,
+        do_sample: bool = False,
+        max_new_tokens: int | None = None,
+    ) -> tuple[list[str], Tensor, Tensor]:
+        """Decoded answers (`num_samples` per question, grouped), their token counts and truncation flags."""
         ids, mask, _ = self.encode_prompts(questions)
         engine = HFGenerateEngine(
             max_completion_length=max_new_tokens
             or self.hparams.eval_max_completion_length
             or self.hparams.max_completion_length,
+            temperature=self.hparams.temperature,
+            top_p=self.hparams.top_p,
+            top_k=self.hparams.top_k,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        rollout = engine.generate(self.policy, ids, mask, 1, do_sample=False)
-        return self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        rollout = engine.generate(self.policy, ids, mask, num_samples, do_sample=do_sample)
+        texts = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        return texts, rollout.completion_mask.sum(1), rollout.truncated
 
-    def _eval_batch(self, batch: dict) -> Tensor:
-        completions = self.answer(batch["prompts"])
-        return _correct(self.reward(completions, batch["answers"])).float().to(self.device)
+    @torch.no_grad()
+    def _eval_batch(self, batch: dict, metrics: EvalMetrics, seed: int) -> None:
+        """Update `metrics` with the greedy answers' correctness and `eval_num_samples` answers per prompt.
+
+        More than one sample per prompt is drawn at the training temperature under a private RNG
+        seeded with `seed`, so evaluating mid-run neither changes the training rollouts nor
+        depends on when it happens.
+        """
+        questions, answers = batch["prompts"], batch["answers"]
+        texts, lengths, truncated = self._eval_rollout(questions, 1)
+        correct = _correct(self.reward(texts, answers)).to(self.device)
+        n = self.hparams.eval_num_samples
+        samples = correct[:, None]
+        if n > 1:
+            with _seeded_rng(self.device, seed):
+                texts, lengths, truncated = self._eval_rollout(questions, n, do_sample=True)
+            repeated = [a for a in answers for _ in range(n)]
+            samples = _correct(self.reward(texts, repeated)).to(self.device).view(-1, n)
+        metrics.update(
+            greedy_correct=correct,
+            correct=samples,
+            completions=[texts[i * n : (i + 1) * n] for i in range(len(questions))],
+            lengths=lengths.view(-1, n),
+            truncated=truncated.view(-1, n),
+        )
+
+    def _new_eval_metrics(self) -> EvalMetrics:
+        return EvalMetrics(self.hparams.eval_num_samples, self.eval_pass_k).to(self.device)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        name = self._eval_name(dataloader_idx)
-        correct = self._eval_batch(batch)
-        self.log(
-            f"val/{name}/accuracy",
-            correct.mean(),
-            batch_size=len(correct),
-            add_dataloader_idx=False,
-            sync_dist=True,
-        )
+        self._eval_step(batch, batch_idx, dataloader_idx)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, batch_idx, dataloader_idx)
+
+    def _eval_step(self, batch: dict, batch_idx: int, dataloader_idx: int) -> None:
         name = self._eval_name(dataloader_idx)
-        correct = self._eval_batch(batch)
-        self.log(
-            f"test/{name}/accuracy",
-            correct.mean(),
-            batch_size=len(correct),
-            add_dataloader_idx=False,
-            sync_dist=True,
-        )
+        if name not in self._stage_metrics:
+            self._stage_metrics[name] = self._new_eval_metrics()
+        unique_batch = batch_idx * self.trainer.world_size + self.trainer.global_rank
+        self._eval_batch(batch, self._stage_metrics[name], seed=_eval_seed(dataloader_idx, unique_batch))
+
+    def on_validation_epoch_start(self) -> None:
+        self._stage_metrics = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._stage_metrics = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_stage_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_stage_metrics("test")
+
+    def _log_stage_metrics(self, stage: str) -> None:
+        """`<stage>/<set>/<metric>`: accuracy, pass@k, maj@k, response_length, truncation_rate."""
+        for name, metrics in self._stage_metrics.items():
+            values = metrics.compute()  # reduced over ranks by the metrics themselves
+            self.log_dict(
+                {f"{stage}/{name}/{key}": value for key, value in values.items()},
+                add_dataloader_idx=False,
+                sync_dist=True,
+            )
+        self._stage_metrics = {}
 
     def _eval_name(self, dataloader_idx: int) -> str:
         names = getattr(self.trainer.datamodule, "eval_set_names", None) or []
         return names[dataloader_idx] if dataloader_idx < len(names) else str(dataloader_idx)
 
     def evaluate_held_out(self) -> dict[str, float]:
-        """Greedy accuracy on every eval set, over all ranks, outside Lightning's validation loop."""
+        """Greedy accuracy on every eval set, over all ranks: `{set: accuracy}`."""
+        return {name: values["accuracy"] for name, values in self.evaluate_held_out_metrics().items()}
+
+    def evaluate_held_out_metrics(self) -> dict[str, dict[str, float]]:
+        """Every eval metric on every eval set (`{set: {metric: value}}`, see `egspo.metrics.EvalMetrics`).
+
+        Runs outside Lightning's validation loop (during `fit`): batches are dealt to ranks in
+        turn and the metrics reduce their sums over ranks. The global RNG comes out as it went
+        in (data loaders draw from it too), so a mid-run evaluation leaves the training run as is.
+        """
         datamodule = self.trainer.datamodule
         loaders = datamodule.val_dataloader()
         loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
         rank, world = self.trainer.global_rank, self.trainer.world_size
         results = {}
-        for idx, loader in enumerate(loaders):
-            totals = torch.zeros(2, device=self.device, dtype=torch.float64)
-            for i, batch in enumerate(loader):
-                if i % world != rank:
-                    continue
-                correct = self._eval_batch(batch)
-                totals += torch.stack(
-                    [
-                        correct.sum().double(),
-                        torch.tensor(float(len(correct)), device=self.device, dtype=torch.float64),
-                    ]
-                )
-            if world > 1 and dist.is_initialized():
-                dist.all_reduce(totals)
-            results[self._eval_name(idx)] = float(totals[0] / totals[1].clamp(min=1))
+        with _seeded_rng(self.device):
+            for idx, loader in enumerate(loaders):
+                metrics = self._new_eval_metrics()
+                for i, batch in enumerate(loader):
+                    if i % world == rank:
+                        self._eval_batch(batch, metrics, seed=_eval_seed(idx, i))
+                results[self._eval_name(idx)] = {k: float(v) for k, v in metrics.compute().items()}
         return results
 
-    def _log_eval(self, results: dict[str, float]) -> None:
-        """Held-out accuracies to every logger, stamped with the current iteration."""
-        metrics = {f"val/{k}/accuracy": v for k, v in results.items()}
+    def _evaluate_phase(self, key: str) -> None:
+        """Held-out metrics at the end of a phase, into the summary and the loggers."""
+        results = self.evaluate_held_out_metrics()
+        self.summary[key] = {name: values["accuracy"] for name, values in results.items()}
+        self.summary_metrics[key] = results
+        self._log_eval(results)
+
+    def _log_eval(self, results: dict[str, dict[str, float]]) -> None:
+        """Held-out metrics (`val/<set>/<metric>`) to every logger, stamped with the current iteration."""
+        metrics = {f"val/{name}/{key}": v for name, values in results.items() for key, v in values.items()}
         metrics["iteration"] = float(self.iteration)
         for logger in self.loggers:
             logger.log_metrics(metrics, step=self.global_step)
@@ -556,14 +631,16 @@ class HybridRLModule(LightningModule):
             return
         key = "rl" if self.hparams.rl_iterations > 0 else "sft"
         if self.iteration >= self.total_iterations and key not in self.summary:
-            self.summary[key] = self.evaluate_held_out()
-            self._log_eval(self.summary[key])
+            self._evaluate_phase(key)
         self._write_summary()
 
     def _write_summary(self) -> None:
         run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         summary = {
-            **{k: {"accuracy": _headline(v), "per_set": v} for k, v in self.summary.items()},
+            **{
+                k: {"accuracy": _headline(v), "per_set": v, "metrics": self.summary_metrics.get(k, {})}
+                for k, v in self.summary.items()
+            },
             "run_dir": str(run_dir),
             "iterations": self.iteration,
         }
@@ -582,6 +659,7 @@ class HybridRLModule(LightningModule):
         checkpoint["egspo"] = {
             "iteration": self.iteration,
             "summary": self.summary,
+            "summary_metrics": self.summary_metrics,
             "nonfinite_streak": self._nonfinite_streak,
         }
 
@@ -589,6 +667,7 @@ class HybridRLModule(LightningModule):
         state = checkpoint.get("egspo", {})
         self.iteration = state.get("iteration", 0)
         self.summary = state.get("summary", {})
+        self.summary_metrics = state.get("summary_metrics", {})
         self._nonfinite_streak = state.get("nonfinite_streak", 0)
 
 
@@ -625,6 +704,19 @@ def _correct(out: RewardOutput) -> Tensor:
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _eval_seed(set_index: int, batch_index: int) -> int:
+    return 1_000_003 * set_index + batch_index
+
+
+@contextmanager
+def _seeded_rng(device: torch.device, seed: int | None = None) -> Iterator[None]:
+    """Run the block on a fork of torch's RNG (seeded with `seed` if given); the state is restored after."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
 
 
 def _clock(device: torch.device) -> float:

@@ -1,6 +1,7 @@
 """Callbacks: rollout generation, entropy statistics, gate-threshold schedule, progress bar, adapters."""
 
 from egspo.callbacks.adapters import AdapterExport
+from egspo.callbacks.diagnostics import EntropyDiagnostics
 from egspo.callbacks.entropy_stats import EntropyStatsLogger
 from egspo.callbacks.gate_scheduler import GateScheduler
 from egspo.callbacks.progress import PhaseRichProgressBar, PhaseTQDMProgressBar, phase_progress_bar
@@ -8,6 +9,7 @@ from egspo.callbacks.rollout import RolloutCallback
 
 __all__ = [
     "AdapterExport",
+    "EntropyDiagnostics",
     "EntropyStatsLogger",
     "GateScheduler",
     "PhaseRichProgressBar",

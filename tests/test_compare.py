@@ -1,0 +1,121 @@
+"""scripts/compare_methods.py: aggregation over seeds, the report, and a --quick end-to-end run."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import compare_methods as cm  # noqa: E402
+
+
+def result(method, seed, accuracy, entropy, wall, reward_curve, ok=True):
+    return cm.RunResult(
+        method=method,
+        seed=seed,
+        run_dir=f"/runs/{method}/{seed}",
+        wall_time=wall,
+        ok=ok,
+        final={"accuracy": accuracy, "pass@1": accuracy / 2, "pass@4": accuracy, "final_entropy": entropy},
+        curves={"reward": reward_curve, "accuracy": {0: 0.1, 10: accuracy}},
+    )
+
+
+RESULTS = [
+    result("grpo", 0, 0.40, 0.5, 100.0, {1: 0.1, 2: 0.2, 3: 0.3}),
+    result("grpo", 1, 0.50, 0.7, 110.0, {1: 0.3, 2: 0.4, 3: 0.5}),
+    result("grpo", 2, 0.60, 0.9, 120.0, {1: 0.2, 2: 0.3}),  # ended early: fewer points
+    result("egspo", 0, 0.70, 1.0, 90.0, {1: 0.5, 2: 0.6, 3: 0.7}),
+    result("egspo", 1, math.nan, math.nan, 5.0, {}, ok=False),  # failed run: left out
+]
+
+
+def test_mean_std_uses_the_sample_std_and_skips_nan():
+    assert cm.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
+    assert cm.mean_std([4.0, math.nan]) == (4.0, 0.0)
+    assert all(math.isnan(x) for x in cm.mean_std([]))
+
+
+def test_aggregate_over_seeds():
+    table = cm.aggregate(RESULTS)
+    assert list(table) == ["grpo", "egspo"]
+    assert table["grpo"]["accuracy"] == pytest.approx((0.5, 0.1))
+    assert table["grpo"]["final_entropy"] == pytest.approx((0.7, 0.2))
+    assert table["grpo"]["wall_time"] == pytest.approx((110.0, 10.0))
+    assert table["grpo"]["seeds"][0] == 3
+    assert table["egspo"]["accuracy"] == (0.7, 0.0) and table["egspo"]["seeds"][0] == 1
+
+
+def test_band_keeps_the_iterations_every_seed_has():
+    xs, means, stds = cm.band([r.curves["reward"] for r in RESULTS[:3]])
+    assert xs == [1, 2]
+    assert means == pytest.approx([0.2, 0.3])
+    assert stds == pytest.approx([0.1, 0.1])
+    assert cm.band([]) == ([], [], [])
+
+
+def test_table_has_a_row_per_method_and_the_warm_up():
+    text = cm.format_table(cm.aggregate(RESULTS), sft={"accuracy": 0.3, "pass@1": 0.2, "pass@4": 0.45})
+    lines = text.splitlines()
+    assert lines[0].split(" | ")[1:4] == ["held-out accuracy", "pass@1", "pass@4"]
+    assert lines[2].startswith("| SFT warm-up | 0.300 | 0.200 | 0.450 |")
+    assert lines[3].startswith(
+        "| GRPO | 0.500 ± 0.100 | 0.250 ± 0.050 | 0.500 ± 0.100 | 0.700 ± 0.200 | 110 ± 10 | 3 |"
+    )
+    assert lines[4].startswith("| EGSPO | 0.700 ± 0.000 |")
+
+
+def test_config_budget_applies_overrides():
+    budget = cm.config_budget(ROOT / "configs" / "demo.yaml", ["--model.num_generations=4", "--data.seed=3"])
+    assert budget["num_generations"] == 4
+    assert isinstance(budget["rl_iterations"], int) and isinstance(budget["prompts_per_step"], int)
+
+
+def test_rl_command_starts_from_the_warm_up_with_the_method_overlay(tmp_path):
+    command = cm.rl_command(
+        ROOT / "configs" / "demo.yaml", "espo", 2, tmp_path / "policy", tmp_path / "run", []
+    )
+    joined = " ".join(command)
+    assert f"--config {ROOT / 'configs' / 'method' / 'espo.yaml'}" in joined
+    for flag in (
+        "--model.sft_iterations=0",
+        f"--model.policy.name_or_path={tmp_path / 'policy'}",
+        "--model.policy.config=null",
+        "--seed_everything=2",
+        "--data.seed=2",
+    ):
+        assert flag in command
+
+
+@pytest.mark.slow
+def test_quick_comparison_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = cm.main(
+        [
+            "--quick",
+            "--methods",
+            "egspo",
+            "--seeds",
+            "0",
+            "1",
+            "--work",
+            str(tmp_path / "w"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    text = report.read_text()
+    assert "| EGSPO |" in text and "| SFT warm-up |" in text and "Failed runs" not in text
+    data = json.loads((tmp_path / "o" / "compare.json").read_text())
+    assert [r["seed"] for r in data["runs"]] == [0, 1] and all(r["ok"] for r in data["runs"])
+    run = data["runs"][0]
+    # RL from the warm-up: the run's first evaluation reproduces the warm-up's accuracy
+    assert sorted(map(int, run["curves"]["reward"])) == [1, 2]
+    assert run["curves"]["accuracy"]["0"] == pytest.approx(data["sft"]["accuracy"])
+    assert {"accuracy", "pass@1", "pass@4", "maj@4", "final_entropy"} <= set(run["final"])
+    for name in ("compare_accuracy.png", "compare_reward.png", "compare_entropy.png"):
+        assert (tmp_path / "o" / name).read_bytes()[:4] == b"\x89PNG"
