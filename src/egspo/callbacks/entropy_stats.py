@@ -6,15 +6,17 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from egspo.distributed import gather_variable
+
 QUANTILES = (0.1, 0.5, 0.8, 0.9, 0.99)
 
 
 class EntropyStatsLogger(Callback):
     """Logs the token-entropy distribution of the rollouts, and its split by correctness.
 
-    Quantiles are taken over the valid response tokens of the rollout batch on each rank; the
-    logged scalars are then averaged over ranks. The histogram goes to TensorBoard every
-    `histogram_every` RL iterations.
+    Quantiles and means are taken over the valid response tokens of the whole rollout batch,
+    all ranks' tokens together; the per-correctness means are averaged over ranks. The histogram
+    goes to TensorBoard every `histogram_every` RL iterations.
     """
 
     def __init__(self, every_n_iterations: int = 1, histogram_every: int = 10) -> None:
@@ -28,20 +30,20 @@ class EntropyStatsLogger(Callback):
         if experience is None or pl_module.rl_iteration % self.every_n_iterations:
             return
         mask = experience.completion_mask.bool()
-        values = experience.entropy[mask].float()
+        values = gather_variable(experience.entropy[mask].float())
         if values.numel() == 0:
             return
         q = torch.quantile(values, torch.tensor(QUANTILES, device=values.device))
         metrics = {f"entropy/q{int(level * 100)}": v for level, v in zip(QUANTILES, q, strict=True)}
         metrics["entropy/mean"] = values.mean()
-        per_seq = (experience.entropy * experience.completion_mask).sum(1) / experience.completion_mask.sum(
-            1
-        ).clamp(min=1)
+        mask_f = experience.completion_mask
+        per_seq = (experience.entropy * mask_f).sum(1) / mask_f.sum(1).clamp(min=1)
         correct = experience.correct.bool()
         for name, rows in (("correct", correct), ("incorrect", ~correct)):
-            if rows.any():
-                metrics[f"entropy/{name}_mean"] = per_seq[rows].mean()
-        pl_module.log_dict(metrics, sync_dist=True)
+            group = gather_variable(per_seq[rows].float())  # every rank joins, even with no rows
+            if group.numel():
+                metrics[f"entropy/{name}_mean"] = group.mean()
+        pl_module.log_dict(metrics)
         if pl_module.rl_iteration % self.histogram_every == 0:
             for logger in trainer.loggers:
                 if isinstance(logger, TensorBoardLogger):
