@@ -24,6 +24,7 @@ _COLOR_STOPS = (
 )
 _NEWLINE = "\u21b5"
 _EOS = "\u27e8eos\u27e9"
+_MONO_ADVANCE = 0.602  # character advance of DejaVu Sans Mono, in em
 
 
 @dataclass
@@ -164,7 +165,7 @@ def render_png(
     title: str,
     batch_entropy: dict[str, list[float]],
     path: Path,
-    line_chars: int = 56,
+    line_chars: int = 90,
 ):
     """The same picture with matplotlib (plus the batch's entropy histogram); returns the figure's RGB array."""
     import matplotlib
@@ -203,6 +204,9 @@ def render_png(
     for c, (name, rows) in enumerate((("correct", correct), ("incorrect", incorrect))):
         ax = fig.add_subplot(grid[0, c])
         ax.set_xlim(0, line_chars)
+        # One x unit = one character: the monospace font size whose advance (0.6 em) fills it.
+        char_points = ax.get_position().width * fig.get_figwidth() * 72 / line_chars
+        token_size = char_points / _MONO_ADVANCE
         ax.set_ylim(lines, 0)
         ax.axis("off")
         ax.set_title(f"{name} ({len(rows)} shown)", fontsize=11, loc="left")
@@ -229,7 +233,9 @@ def render_png(
                         linewidth=1.2 if high else 0,
                     )
                 )
-                ax.text(col, y + line, tok, fontsize=8.5, family="monospace", va="center", ha="left")
+                ax.text(
+                    col, y + line, tok, fontsize=token_size, family="DejaVu Sans Mono", va="center", ha="left"
+                )
             y += (placed[-1][0] + 1 if placed else 1) + 1
         if not rows:
             ax.text(0, 1, "none in this batch", fontsize=9, color="#888")
@@ -256,6 +262,7 @@ def render_png(
             label=f"gate threshold τ = {threshold:.3f}",
         )
     ax.set_xlim(0, vmax)
+    ax.set_yscale("log")
     ax.set_ylabel("tokens in the batch")
     ax.legend(fontsize=8, loc="upper center")
     bar = fig.colorbar(
