@@ -8,10 +8,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from egspo.callbacks.checkpointing import IterationCheckpoint
 from egspo.data import HybridDataModule
 from egspo.module import HybridRLModule
+from egspo.validation import validate_fit_config
 
 TRAINER_DEFAULTS = {
     "max_epochs": 1,  # the train loader yields exactly one batch per iteration
@@ -32,6 +36,25 @@ class EGSPOCLI(LightningCLI):
             "data.init_args.num_iterations" if self.subclass_mode_data else "data.num_iterations",
             compute_fn=lambda sft, rl: sft + rl,
         )
+
+    def before_instantiate_classes(self) -> None:
+        """Reject configs that cannot work before the tokenizer and model are loaded."""
+        if self.subcommand not in (None, "fit"):
+            return
+        errors = validate_fit_config(self.config[self.subcommand] if self.subcommand else self.config)
+        if errors:
+            sys.stderr.write("".join(f"error: {e}\n" for e in errors))
+            raise SystemExit(2)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
+        # Lightning's default checkpoint callback counts optimizer steps and, with the fit-time
+        # validation loop off, never saves; a run without its own gets resumable `last.ckpt`s.
+        configured = [*(config.get("callbacks") or []), *callbacks]
+        if config.get("enable_checkpointing") is not False and not any(
+            isinstance(c, ModelCheckpoint) for c in configured
+        ):
+            callbacks = [*callbacks, IterationCheckpoint()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def main(args: list[str] | None = None) -> EGSPOCLI | Path:

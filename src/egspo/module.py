@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from egspo.advantages import group_advantages
+from egspo.callbacks.checkpointing import capture_rng_states, restore_rng_states
 from egspo.data.prompts import format_prompt
 from egspo.distributed import FSDPConfig, gather_variable, shard_policy
 from egspo.losses import LossOutput, NLLLoss, PolicyLoss, SFTLoss, TokenBatch
@@ -71,7 +73,8 @@ class HybridRLModule(LightningModule):
         rl_learning_rate: learning rate from the first RL iteration on (default: unchanged).
         max_grad_norm: gradient clipping (manual optimization cannot use the Trainer's flag).
         max_nonfinite_updates: stop after this many skipped updates in a row.
-        logprob_chunk_size: rows per chunk in the fused log-prob/entropy op.
+        logprob_chunk_size: rows per chunk in the fused log-prob/entropy op (default: about 256 MB
+            of fp32 logits per chunk for the vocabulary).
         max_sft_length: expert sequences are truncated to this many tokens.
         system_prompt, instruction: prompt formatting (chat template when the tokenizer has one).
         eval_max_completion_length: answer length on eval sets (default: max_completion_length).
@@ -109,7 +112,7 @@ class HybridRLModule(LightningModule):
         rl_learning_rate: float | None = None,
         max_grad_norm: float | None = 1.0,
         max_nonfinite_updates: int = 5,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int | None = None,
         max_sft_length: int = 1024,
         system_prompt: str | None = None,
         instruction: str | None = None,
@@ -156,6 +159,9 @@ class HybridRLModule(LightningModule):
         self.summary_metrics: dict[str, dict[str, dict[str, float]]] = {}
         self._stage_metrics: dict[str, EvalMetrics] = {}
         self._nonfinite_streak = 0
+        self._rng_to_restore: list[dict] | None = None
+        self._skipped_updates = 0
+        self._prompts_over_length = 0
         self.last_experience: Experience | None = None
         # Loss metrics of the last RL mini-batch (gate threshold, branch fractions), for diagnostics.
         self.last_rl_metrics: dict[str, Tensor] = {}
@@ -205,6 +211,9 @@ class HybridRLModule(LightningModule):
         return self.iteration - self.hparams.sft_iterations
 
     def on_train_start(self) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore, self.trainer.global_rank)
+            self._rng_to_restore = None
         if self.iteration >= self.total_iterations:
             self.trainer.should_stop = True
 
@@ -292,6 +301,14 @@ class HybridRLModule(LightningModule):
         timings: dict[str, float] = {}
         t0 = _clock(self.device)
         prompt_ids, prompt_mask, over = self.encode_prompts(batch["prompts"])
+        if over:
+            if not self._prompts_over_length:
+                rank_zero_warn(
+                    f"iteration {self.iteration}: {over} of {len(batch['prompts'])} prompts exceed "
+                    f"max_prompt_length={self.hparams.max_prompt_length} tokens and lose their "
+                    "beginning; counted in data/prompts_over_length(_total)"
+                )
+            self._prompts_over_length += over
         rollout = self.engine.generate(self.policy, prompt_ids, prompt_mask, g)
         t1 = _clock(self.device)
         completions = self.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
@@ -338,6 +355,7 @@ class HybridRLModule(LightningModule):
         stats.update(
             {
                 "data/prompts_over_length": float(over),
+                "data/prompts_over_length_total": float(self._prompts_over_length),
                 "time/generation": t1 - t0,
                 "time/reward": t2 - t1,
                 "time/scoring": t3 - t2,
@@ -477,6 +495,7 @@ class HybridRLModule(LightningModule):
                 scheduler.step()
         else:
             self._nonfinite_streak += 1
+            self._skipped_updates += 1
             rank_zero_warn(f"iteration {self.iteration}: non-finite loss or gradient, update skipped")
             if self._nonfinite_streak >= self.hparams.max_nonfinite_updates:
                 raise NonFiniteLossError(
@@ -486,6 +505,7 @@ class HybridRLModule(LightningModule):
                 )
         optimizer.zero_grad(set_to_none=True)
         self.log("train/nonfinite_streak", float(self._nonfinite_streak))
+        self.log("train/skipped_updates", float(self._skipped_updates))
         self.log("train/lr", optimizer.optimizer.param_groups[0]["lr"])
 
     # ----------------------------------------------------------------- evaluation
@@ -656,11 +676,15 @@ class HybridRLModule(LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Plain types and tensors only: the checkpoint loads with `torch.load(weights_only=True)`.
         checkpoint["egspo"] = {
             "iteration": self.iteration,
             "summary": self.summary,
             "summary_metrics": self.summary_metrics,
             "nonfinite_streak": self._nonfinite_streak,
+            "skipped_updates": self._skipped_updates,
+            "prompts_over_length": self._prompts_over_length,
+            "rng": capture_rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -669,6 +693,19 @@ class HybridRLModule(LightningModule):
         self.summary = state.get("summary", {})
         self.summary_metrics = state.get("summary_metrics", {})
         self._nonfinite_streak = state.get("nonfinite_streak", 0)
+        self._skipped_updates = state.get("skipped_updates", 0)
+        self._prompts_over_length = state.get("prompts_over_length", 0)
+        # Lightning warns that a mid-epoch resume of a plain loader may repeat batches; here the
+        # loader starts at the restored iteration (below), so every batch comes exactly once.
+        warnings.filterwarnings(
+            "ignore", message="You're resuming from a checkpoint that ended before the epoch"
+        )
+        # Applied in `on_train_start`, after Lightning has built the loader iterator (which draws
+        # from the global RNG): the next iteration then sees the streams the saved run saw.
+        self._rng_to_restore = state.get("rng")
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "start_iteration"):
+            datamodule.start_iteration = self.iteration
 
 
 # --------------------------------------------------------------------- helpers

@@ -110,6 +110,8 @@ class _IterationSampler(DistributedSampler):
 
     It subclasses DistributedSampler only so that Lightning does not wrap the loader in its
     own distributed sampler: sharding across ranks already happens inside each batch.
+    Its length is the whole run's: a resumed fit restores Lightning's count of the batches
+    already done in the (single) epoch, and stops when that count reaches the length.
     """
 
     def __init__(self, dataset: IterationDataset, start: int) -> None:
@@ -121,7 +123,7 @@ class _IterationSampler(DistributedSampler):
         return iter(range(self.start, self.stop))
 
     def __len__(self) -> int:
-        return max(0, self.stop - self.start)
+        return self.stop
 
 
 def _collate_eval(examples: list[Example]) -> dict[str, list[str]]:
