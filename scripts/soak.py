@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         HybridRLModule,
         HybridDataModule,
         trainer_defaults=TRAINER_DEFAULTS,
+        save_config_kwargs={"overwrite": True},
         run=False,
         args=[
             "--config",
