@@ -70,6 +70,8 @@ def test_fit_every_method_switches_phase_and_learns(tmp_path, method):
         assert key in metrics, key
         assert torch.isfinite(metrics[key]), key
     assert set(module.summary) == {"sft", "rl"}
+    if method == "egspo":  # the demo's GateScheduler ramps the quantile to 0.8 by the last RL iteration
+        assert module.policy_loss.gate.value == pytest.approx(0.8)
     after = module.policy.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "no weight changed"
@@ -133,7 +135,7 @@ def test_qwen_math_config_runs_with_a_tiny_local_model(
             "--data.expert.subset=null",
             f"--data.prompts.path={gsm8k_train_path}",
             "--data.prompts.subset=null",
-            f"--data.eval_sets={{'gsm8k': {{'path': '{gsm8k_test_path}', 'layout': 'gsm8k'}}, 'math500': {{'path': '{math500_path}'}}}}",
+            f"--data.eval_sets={{'gsm8k': {{'path': '{gsm8k_test_path}', 'layout': 'gsm8k'}}, 'math500': {{'path': '{math500_path}', 'layout': 'auto'}}}}",
             "--data.prompts_per_step=2",
             "--data.expert_per_step=2",
             "--data.eval_size=4",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
 
 from egspo.schedules import ramp
 
@@ -33,23 +34,29 @@ class GateScheduler(Callback):
         self.end = end
         self.schedule = schedule
         self.attribute = attribute
+        self.active = False
 
     def value_at(self, rl_iteration: int, rl_iterations: int) -> float:
         progress = rl_iteration / max(rl_iterations - 1, 1)
         return ramp(self.start, self.end, progress, self.schedule)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if getattr(pl_module.policy_loss, "gate", None) is None:
-            raise ValueError(
-                f"GateScheduler: policy_loss {type(pl_module.policy_loss).__name__} has no entropy gate"
+        self.active = getattr(pl_module.policy_loss, "gate", None) is not None
+        if not self.active:
+            # A shared base config may carry the schedule while an overlay picks a loss without
+            # a gate (GRPO, ESPO, ...): say so once and leave the run unchanged.
+            rank_zero_warn(
+                f"GateScheduler: policy_loss {type(pl_module.policy_loss).__name__} has no entropy "
+                "gate; the schedule does nothing in this run"
             )
+            return
         if not hasattr(pl_module.policy_loss.gate, self.attribute):
             raise ValueError(f"GateScheduler.attribute: the gate has no attribute {self.attribute!r}")
 
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: dict, batch_idx: int
     ) -> None:
-        if pl_module.phase != "rl":
+        if pl_module.phase != "rl" or not self.active:
             return
         value = self.value_at(pl_module.rl_iteration, pl_module.hparams.rl_iterations)
         setattr(pl_module.policy_loss.gate, self.attribute, value)
