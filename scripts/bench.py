@@ -42,6 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("fused", "overhead", "grpo", "sft", "gpu")
+# Hand-written notes (profiles, fixes) from this heading on survive a rewrite of the tables.
+NOTES_MARKER = "## Where the time goes"
 
 # The model of rows 3 and 4: a tiny Qwen2, built from its config with seed 0.
 TINY_QWEN2 = {
@@ -954,7 +956,10 @@ def main() -> None:
     text = "\n".join(sections) + "\n"
     print(text)
     if args.output:
-        Path(args.output).write_text(text)
+        path = Path(args.output)
+        old = path.read_text() if path.exists() else ""
+        notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else ""
+        path.write_text(text + ("\n" + notes if notes else ""))
 
 
 if __name__ == "__main__":
