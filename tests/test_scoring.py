@@ -59,3 +59,19 @@ def test_gradient_flows_through_logprobs_only():
     logp.sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_length_buckets_match_one_padded_pass():
+    model = _model()
+    batch, prompt, completion = 6, 7, 9
+    ids = torch.randint(3, 300, (batch, prompt + completion))
+    mask = torch.ones_like(ids)
+    for i, (p, c) in enumerate(zip([7, 3, 5, 1, 6, 2], [9, 2, 5, 9, 1, 0], strict=True)):
+        mask[i, : prompt - p] = 0
+        mask[i, prompt + c :] = 0
+    score = torch.zeros(batch, prompt + completion)
+    score[:, prompt:] = mask[:, prompt:].float()
+    one, ent_one = token_logprobs(model, ids, mask, score, buckets=1, temperature=0.7)
+    bucketed, ent_bucketed = token_logprobs(model, ids, mask, score, buckets=3, temperature=0.7)
+    assert torch.allclose(one, bucketed, atol=1e-5) and torch.allclose(ent_one, ent_bucketed, atol=1e-5)
+    assert torch.all(bucketed[score == 0] == 0)
