@@ -1,6 +1,7 @@
-"""Callbacks: rollout generation, entropy statistics, gate-threshold schedule, progress bar, adapters."""
+"""Callbacks: rollouts, entropy statistics and diagnostics, gate schedule, checkpoints, adapters, progress bar."""
 
 from egspo.callbacks.adapters import AdapterExport
+from egspo.callbacks.checkpointing import IterationCheckpoint
 from egspo.callbacks.diagnostics import EntropyDiagnostics
 from egspo.callbacks.entropy_stats import EntropyStatsLogger
 from egspo.callbacks.gate_scheduler import GateScheduler
@@ -12,6 +13,7 @@ __all__ = [
     "EntropyDiagnostics",
     "EntropyStatsLogger",
     "GateScheduler",
+    "IterationCheckpoint",
     "PhaseRichProgressBar",
     "PhaseTQDMProgressBar",
     "RolloutCallback",
