@@ -80,12 +80,13 @@ def _check_rows(correct: Tensor, num_samples: int | None = None) -> None:
         raise ValueError(f"expected {num_samples} samples per prompt, got {correct.shape[1]}")
 
 
-class PassAtK(Metric):
-    """Mean over prompts of the unbiased pass@k, for each k in ``ks`` (see :func:`pass_at_k`).
+class _MeanAtK(Metric):
+    """Per-prompt scores for each k in ``ks``, summed over prompts (and processes), then averaged.
 
-    ``compute()`` returns ``{"pass@k": value}``. pass@1 is the mean correctness of all samples.
+    Subclasses set ``name`` and add ``update``; ``compute()`` returns ``{"<name>@k": mean}``.
     """
 
+    name: str
     full_state_update = False
     higher_is_better = True
 
@@ -96,6 +97,19 @@ class PassAtK(Metric):
         self.ks = sorted(set(int(k) for k in ks))
         self.add_state("total", torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("prompts", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def compute(self) -> dict[str, Tensor]:
+        means = self.total / self.prompts.clamp(min=1)
+        return {f"{self.name}@{k}": means[i].float() for i, k in enumerate(self.ks)}
+
+
+class PassAtK(_MeanAtK):
+    """Mean over prompts of the unbiased pass@k, for each k in ``ks`` (see :func:`pass_at_k`).
+
+    ``compute()`` returns ``{"pass@k": value}``. pass@1 is the mean correctness of all samples.
+    """
+
+    name = "pass"
 
     def update(self, correct: Tensor) -> None:
         _check_rows(correct)
@@ -106,27 +120,14 @@ class PassAtK(Metric):
         self.total += torch.stack([pass_at_k(counts, n, k).sum() for k in self.ks]).to(self.total)
         self.prompts += correct.shape[0]
 
-    def compute(self) -> dict[str, Tensor]:
-        means = self.total / self.prompts.clamp(min=1)
-        return {f"pass@{k}": means[i].float() for i, k in enumerate(self.ks)}
 
-
-class MajorityAtK(Metric):
+class MajorityAtK(_MeanAtK):
     """Mean over prompts of maj@k: majority vote over the final answers of the first k samples.
 
     ``compute()`` returns ``{"maj@k": value}``; see :func:`majority_vote_accuracy` for ties.
     """
 
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(self, ks: Sequence[int] = (1,), **kwargs) -> None:
-        super().__init__(**kwargs)
-        if not ks or min(ks) < 1:
-            raise ValueError(f"ks must be positive integers, got {list(ks)}")
-        self.ks = sorted(set(int(k) for k in ks))
-        self.add_state("total", torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("prompts", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+    name = "maj"
 
     def update(self, completions: Sequence[Sequence[str]], correct: Tensor) -> None:
         _check_rows(correct)
@@ -143,10 +144,6 @@ class MajorityAtK(Metric):
                 sums[i] += majority_vote_accuracy(keys[:k], row[:k])
         self.total += torch.tensor(sums, dtype=torch.float64, device=self.total.device)
         self.prompts += len(completions)
-
-    def compute(self) -> dict[str, Tensor]:
-        means = self.total / self.prompts.clamp(min=1)
-        return {f"maj@{k}": means[i].float() for i, k in enumerate(self.ks)}
 
 
 class _SampleMean(Metric):
