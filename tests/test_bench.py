@@ -5,17 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_model import tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model_type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-}
+TINY = tiny_qwen2(max_position_embeddings=512)
 
 pytestmark = pytest.mark.slow
 

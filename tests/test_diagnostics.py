@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny_qwen2_json
 
 from egspo.callbacks.diagnostics import collect_rows, entropy_color, render_html, render_png
 from egspo.rollout import Experience
@@ -105,10 +106,7 @@ def test_callback_writes_pages_every_n_rl_iterations(tmp_path):
     from egspo.data import HybridDataModule
     from egspo.module import HybridRLModule
 
-    tiny = (
-        '{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,'
-        ' "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}'
-    )
+    tiny = tiny_qwen2_json(max_position_embeddings=512)
     callbacks = (
         '[{"class_path": "egspo.callbacks.EntropyDiagnostics",'
         ' "init_args": {"every_n_iterations": 2, "num_examples": 2, "png": false}}]'

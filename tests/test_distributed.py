@@ -31,18 +31,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model_type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-    "tie_word_embeddings": True,
-}
+TINY = tiny_qwen2(tie_word_embeddings=True)
 PROMPTS_PER_RANK = 2
 GENERATIONS = 4
 RL_ITERATIONS = 2

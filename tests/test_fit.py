@@ -4,13 +4,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny_qwen2_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["grpo", "dapo", "chord_phi", "ce_gppo", "espo", "egspo"]
-TINY_MODEL = (
-    '{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,'
-    ' "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}'
-)
+TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 
 pytestmark = pytest.mark.slow
 

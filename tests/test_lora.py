@@ -5,19 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import tiny_qwen2
 
 from egspo.model import LoRAConfig, PolicyConfig, load_policy, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {
-    "model_type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+TINY = tiny_qwen2()
 SMALL = [
     "--trainer.accelerator=cpu",
     "--trainer.precision=32-true",

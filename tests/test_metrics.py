@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from tiny_model import tiny_qwen2_json
 
 from egspo.metrics import (
     EvalMetrics,
@@ -218,10 +219,7 @@ def test_compute_across_two_processes_matches_one_process():
     assert results[1] == pytest.approx(expected)
 
 
-TINY_MODEL = (
-    '{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,'
-    ' "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}'
-)
+TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 
 
 def _tiny_cli(tmp_path, *extra: str):

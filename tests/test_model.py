@@ -2,18 +2,11 @@ import time
 
 import pytest
 import torch
+from tiny_model import tiny_qwen2
 
 from egspo.model import HubUnreachableError, LoRAConfig, PolicyConfig, load_policy, load_tokenizer
 
-TINY = {
-    "model_type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 256,
-}
+TINY = tiny_qwen2()
 
 
 def test_policy_from_config_matches_tokenizer_vocab_and_generation_ids():

@@ -20,12 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from tiny_model import tiny_qwen2_json
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = (
-    '{"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,'
-    ' "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512}'
-)
+TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 SFT, RL, EVERY = 1, 5, 2
 TOTAL = SFT + RL
 

@@ -1,17 +1,10 @@
 import torch
+from tiny_model import tiny_qwen2
 
 from egspo.model import PolicyConfig, load_policy, load_tokenizer
 from egspo.scoring import position_ids_from_mask, token_logprobs
 
-TINY = {
-    "model_type": "qwen2",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 128,
-}
+TINY = tiny_qwen2(max_position_embeddings=128)
 
 
 def _model():
