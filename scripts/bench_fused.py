@@ -56,7 +56,7 @@ def step(variant: str, inputs, temperature: float, chunk_size: int | None) -> No
     weight.grad = None
     if variant == "fused":
         kwargs = {} if chunk_size is None else {"chunk_size": chunk_size}
-        logprobs, _ = fused_logprobs_entropy(hidden, weight, targets, temperature=temperature, **kwargs)
+        logprobs = fused_logprobs_entropy(hidden, weight, targets, temperature=temperature, **kwargs).logprobs
     else:
         logprobs, _ = plain_logprobs_entropy(hidden, weight, targets, temperature)
     (logprobs * upstream).sum().backward()

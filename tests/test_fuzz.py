@@ -78,9 +78,16 @@ def test_losses_are_finite_with_finite_gradients_and_none_on_padding(data):
     new, old, advantages, entropy, mask = data
     for loss_fn in _losses():
         logprobs = new.clone().requires_grad_(True)
-        out = loss_fn(
-            TokenBatch(logprobs=logprobs, old_logprobs=old, advantages=advantages, entropy=entropy, mask=mask)
+        threshold = loss_fn.prepare(entropy[mask > 0])
+        batch = TokenBatch(
+            logprobs=logprobs,
+            old_logprobs=old,
+            advantages=advantages,
+            entropy=entropy,
+            mask=mask,
+            entropy_threshold=threshold,
         )
+        out = loss_fn(batch)
         assert out.loss.dim() == 0
         assert torch.isfinite(out.loss), type(loss_fn).__name__
         out.loss.backward()
@@ -102,6 +109,7 @@ def test_all_masked_batch_gives_zero_finite_loss(loss_fn):
             advantages=torch.ones(2, 3),
             entropy=torch.ones(2, 3),
             mask=mask,
+            entropy_threshold=loss_fn.prepare(torch.ones(0)),
         )
     )
     assert torch.isfinite(out.loss)

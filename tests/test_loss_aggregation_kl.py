@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from egspo.losses import AGG_MODES, aggregate, kl_penalty
+from egspo.losses import AGG_MODES, aggregate, aggregation_units, kl_penalty
 
 NAN, INF = float("nan"), float("inf")
 VALUES = torch.tensor([[1.0, 2.0, 3.0, NAN], [5.0, INF, -INF, 1e30]])
@@ -16,7 +16,6 @@ MASK = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
         ("token-mean", None, (1 + 2 + 3 + 5) / 4),
         ("seq-mean-token-mean", None, (6 / 3 + 5 / 1) / 2),
         ("seq-mean-token-sum", None, (6 + 5) / 2),
-        ("seq-mean-token-sum-norm", None, (6 / 4 + 5 / 4) / 2),
         ("seq-mean-token-sum-norm", 2.0, (6 / 2 + 5 / 2) / 2),
     ],
 )
@@ -37,7 +36,7 @@ def test_aggregate_empty_rows_do_not_dilute_and_get_no_gradient(mode):
 @pytest.mark.parametrize("mode", AGG_MODES)
 def test_aggregate_all_zero_mask_gives_zero_without_nan(mode):
     values = torch.full((2, 3), INF, requires_grad=True)
-    out = aggregate(values, torch.zeros(2, 3), mode)
+    out = aggregate(values, torch.zeros(2, 3), mode, norm_constant=3.0)
     out.backward()
     assert out.item() == 0.0
     assert torch.all(values.grad == 0)
@@ -49,11 +48,29 @@ def test_aggregate_token_mean_gradient_is_one_over_token_count():
     torch.testing.assert_close(values.grad, MASK / 4)
 
 
-def test_aggregate_rejects_unknown_mode():
+def test_aggregate_rejects_unknown_mode_and_missing_constant():
     with pytest.raises(ValueError, match="loss_agg_mode"):
         aggregate(VALUES, MASK, "sum")
     with pytest.raises(ValueError, match="norm_constant"):
         aggregate(VALUES, MASK, "seq-mean-token-sum-norm", norm_constant=0.0)
+    with pytest.raises(ValueError, match="norm_constant"):  # never the batch width
+        aggregate(VALUES, MASK, "seq-mean-token-sum-norm")
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("token-mean", 4),
+        ("seq-mean-token-mean", 2),
+        ("seq-mean-token-sum", 2),
+        ("seq-mean-token-sum-norm", 2),
+    ],
+)
+def test_aggregation_units_are_the_denominator(mode, expected):
+    mask = torch.cat([MASK, torch.zeros(1, 4)])  # an empty row counts for no mode
+    assert aggregation_units(mask, mode).item() == expected
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        aggregation_units(mask, "sum")
 
 
 LOGP = torch.tensor([[-1.0, -2.0]])

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from egspo.losses import EGSPOLoss, EntropyGate, PPOClipLoss, TokenBatch
+from egspo.losses import EGSPOLoss, EntropyGate, HasEntropyGate, PPOClipLoss, TokenBatch
 from egspo.losses.gate import _quantile
 
 # Row 0: r=1 (inside), clipped high, inside with A<0, inside with A<0.
@@ -27,6 +27,9 @@ def make_batch(ratios=RATIOS, adv=ADV, entropy=ENTROPY, mask=MASK, threshold=Non
 
 
 def grad_of(loss_fn, batch):
+    """Loss and gradient, with the gate threshold from ``loss_fn.prepare`` unless the batch has one."""
+    if batch.entropy_threshold is None:
+        batch.entropy_threshold = loss_fn.prepare(batch.entropy[batch.mask > 0])
     out = loss_fn(batch)
     out.loss.backward()
     return out, batch.logprobs.grad
@@ -133,7 +136,7 @@ def test_chord_phi_weight_uses_stopped_p_times_one_minus_p():
     torch.testing.assert_close(grad[HIGH], ppo_grad[HIGH])
 
 
-def test_given_entropy_threshold_overrides_the_gate():
+def test_the_batch_threshold_is_used_not_recomputed():
     batch = make_batch(threshold=torch.tensor(2.5))
     out, grad = grad_of(EGSPOLoss(gate=absolute_gate(0.0), low_entropy_weight=0.1), batch)
     _, ppo_grad = grad_of(PPOClipLoss(), make_batch())
@@ -145,20 +148,68 @@ def test_given_entropy_threshold_overrides_the_gate():
     torch.testing.assert_close(grad[~only], 0.1 * ppo_grad[~only])
 
 
-def test_gate_rules_and_mutable_value():
+def test_gate_rules_and_scheduled_value():
     entropy = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 50.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
     gate = EntropyGate(value=0.5)
     assert gate.threshold(entropy, mask).item() == pytest.approx(2.0)
-    gate.value = 0.25  # a scheduler changes it during training
+    assert gate.threshold(entropy[mask > 0]).item() == pytest.approx(2.0)  # 1-D valid values, as prepare
+    gate.set_value(0.25)  # a scheduler changes it during training
     assert gate.threshold(entropy, mask).item() == pytest.approx(1.0)
     normalized = EntropyGate(rule="normalized", value=0.5, vocab_size=1000)
     assert normalized.threshold(entropy, mask).item() == pytest.approx(0.5 * math.log(1000))
     assert EntropyGate(rule="absolute", value=1.5).threshold(entropy, mask).item() == 1.5
     assert EntropyGate().threshold(entropy, torch.zeros_like(mask)).item() == 0.0
-    gate.value = 2.0
-    with pytest.raises(ValueError, match="gate value"):
-        gate.threshold(entropy, mask)
+    assert EntropyGate().threshold(torch.zeros(0)).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("rule", "value", "error"),
+    [
+        ("quantile", 2.0, ValueError),
+        ("quantile", float("nan"), ValueError),
+        ("absolute", -1.0, ValueError),
+        ("absolute", float("inf"), ValueError),
+        ("quantile", "0.5", TypeError),
+        ("quantile", True, TypeError),
+        ("quantile", torch.tensor(0.5), TypeError),
+    ],
+)
+def test_set_value_is_validated_and_leaves_the_gate_unchanged_on_error(rule, value, error):
+    gate = EntropyGate(rule=rule, value=0.5)
+    with pytest.raises(error, match="gate value"):
+        gate.set_value(value)
+    assert gate.value == 0.5
+    gate.set_value(1)
+    assert gate.value == 1.0 and isinstance(gate.value, float)
+
+
+def test_normalized_gate_vocab_size_is_filled_by_setup():
+    loss_fn = EGSPOLoss(gate=EntropyGate(rule="normalized", value=0.5))
+    with pytest.raises(ValueError, match="vocab_size"):
+        loss_fn.prepare(torch.ones(3))
+    loss_fn.setup(vocab_size=1000, max_completion_length=16)
+    assert loss_fn.prepare(torch.ones(3)).item() == pytest.approx(0.5 * math.log(1000))
+    explicit = EGSPOLoss(gate=EntropyGate(rule="normalized", value=0.5, vocab_size=64))
+    explicit.setup(vocab_size=1000, max_completion_length=16)
+    assert explicit.gate.vocab_size == 64  # an option set explicitly is kept
+
+
+def test_prepare_is_the_gate_threshold_over_the_rollout_batch():
+    loss_fn = EGSPOLoss()
+    entropy = torch.rand(100, generator=torch.Generator().manual_seed(4)) * 3
+    torch.testing.assert_close(loss_fn.prepare(entropy), torch.quantile(entropy, 0.8))
+    assert PPOClipLoss().prepare(entropy) is None
+
+
+def test_missing_threshold_is_an_error_not_a_local_fallback():
+    with pytest.raises(ValueError, match="prepare"):
+        EGSPOLoss()(make_batch())
+
+
+def test_gated_losses_satisfy_the_gate_protocol():
+    assert isinstance(EGSPOLoss(), HasEntropyGate)
+    assert not isinstance(PPOClipLoss(), HasEntropyGate)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +218,7 @@ def test_gate_rules_and_mutable_value():
         ({"value": 1.5}, "gate value"),
         ({"value": -0.1}, "gate value"),
         ({"rule": "absolute", "value": -1.0}, "gate value"),
-        ({"rule": "normalized", "value": 0.5}, "vocab_size"),
+        ({"rule": "normalized", "value": 0.5, "vocab_size": 1}, "vocab_size"),
         ({"rule": "topk"}, "gate rule"),
         ({"soft": True, "temperature": 0.0}, "temperature"),
     ],
@@ -185,5 +236,5 @@ def test_low_entropy_weight_validation(phi):
 
 def test_default_gates_are_not_shared():
     a, b = EGSPOLoss(), EGSPOLoss()
-    a.gate.value = 0.5
+    a.gate.set_value(0.5)
     assert b.gate.value == 0.8

@@ -119,10 +119,13 @@ def test_invalid_arguments_name_the_option(kwargs, option):
         ESPOLoss(**{"vocab_size": V, **kwargs})
 
 
-def test_vocab_size_may_be_filled_in_after_construction():
+def test_vocab_size_is_filled_by_setup():
     loss_fn = ESPOLoss(high_entropy_fraction=0.4)
-    with pytest.raises(ValueError, match="vocab_size"):
+    with pytest.raises(ValueError, match="setup"):
         loss_fn(make_batch())
-    loss_fn.vocab_size = V
+    loss_fn.setup(vocab_size=V, max_completion_length=5)
     expected = ESPOLoss(high_entropy_fraction=0.4, vocab_size=V)(make_batch()).loss
     assert torch.equal(loss_fn(make_batch()).loss, expected)
+    explicit = ESPOLoss(vocab_size=V)
+    explicit.setup(vocab_size=1000, max_completion_length=5)
+    assert explicit.vocab_size == V  # an option set explicitly is kept

@@ -10,6 +10,8 @@ from egspo.losses import (
     EntropyGate,
     ESPOLoss,
     NLLLoss,
+    PAPOLoss,
+    PolicyLoss,
     PPOClipLoss,
     TokenBatch,
 )
@@ -34,6 +36,7 @@ def make_batch(garbage: bool) -> TokenBatch:
         "advantages": torch.randn(B, T, generator=gen),
         "entropy": torch.rand(B, T, generator=gen) * 4,
         "ref_logprobs": -torch.rand(B, T, generator=gen) * 3,
+        "polarity": torch.randn(B, T, generator=gen) * 0.3,
     }
     m = mask()
     if garbage:
@@ -46,23 +49,47 @@ def make_batch(garbage: bool) -> TokenBatch:
     return TokenBatch(mask=m, **fields)
 
 
+def papo() -> PAPOLoss:
+    loss = PAPOLoss(beta=0.1, dual_clip=3.0)
+    loss.load_state_dict({"balance": 0.4})  # unequal branch weights, so that polarity matters
+    return loss
+
+
+def sum_norm() -> PPOClipLoss:
+    loss = PPOClipLoss(loss_agg_mode="seq-mean-token-sum-norm", beta=0.1)
+    loss.setup(vocab_size=50, max_completion_length=T)
+    return loss
+
+
 POLICY_LOSSES = {
-    "ppo": PPOClipLoss(),
-    "dapo-dual-k1": PPOClipLoss(clip_high=0.28, dual_clip=3.0, beta=0.1, kl_estimator="k1"),
-    "ppo-seq-mean-k2": PPOClipLoss(loss_agg_mode="seq-mean-token-mean", beta=0.1, kl_estimator="k2"),
-    "ppo-seq-sum": PPOClipLoss(loss_agg_mode="seq-mean-token-sum"),
-    "ppo-sum-norm-k3": PPOClipLoss(loss_agg_mode="seq-mean-token-sum-norm", beta=0.1),
-    "egspo": EGSPOLoss(),
-    "egspo-soft-chord": EGSPOLoss(gate=EntropyGate(soft=True), low_entropy_weight="p(1-p)", beta=0.05),
-    "egspo-normalized": EGSPOLoss(gate=EntropyGate(rule="normalized", value=0.3, vocab_size=50)),
-    "espo": ESPOLoss(vocab_size=50, beta=0.1),
-    "cegppo": CEGPPOLoss(beta=0.1, kl_estimator="k2"),
+    "ppo": PPOClipLoss,
+    "dapo-dual-k1": lambda: PPOClipLoss(clip_high=0.28, dual_clip=3.0, beta=0.1, kl_estimator="k1"),
+    "ppo-seq-mean-k2": lambda: PPOClipLoss(loss_agg_mode="seq-mean-token-mean", beta=0.1, kl_estimator="k2"),
+    "ppo-seq-sum": lambda: PPOClipLoss(loss_agg_mode="seq-mean-token-sum"),
+    "ppo-sum-norm-k3": sum_norm,
+    "egspo": EGSPOLoss,
+    "egspo-soft-chord": lambda: EGSPOLoss(
+        gate=EntropyGate(soft=True), low_entropy_weight="p(1-p)", beta=0.05
+    ),
+    "egspo-normalized": lambda: EGSPOLoss(gate=EntropyGate(rule="normalized", value=0.3, vocab_size=50)),
+    "espo": lambda: ESPOLoss(vocab_size=50, beta=0.1),
+    "cegppo": lambda: CEGPPOLoss(beta=0.1, kl_estimator="k2"),
+    "papo": papo,
 }
 
 
-@pytest.mark.parametrize("loss_fn", POLICY_LOSSES.values(), ids=POLICY_LOSSES.keys())
-def test_policy_loss_ignores_padding(loss_fn):
-    clean, dirty = make_batch(garbage=False), make_batch(garbage=True)
+def with_threshold(loss_fn: PolicyLoss, batch: TokenBatch) -> TokenBatch:
+    """The batch with the threshold ``prepare`` gives over its valid tokens (for gated losses)."""
+    batch.entropy_threshold = loss_fn.prepare(batch.entropy[batch.mask > 0])
+    return batch
+
+
+@pytest.mark.parametrize("make_loss", POLICY_LOSSES.values(), ids=POLICY_LOSSES.keys())
+def test_policy_loss_ignores_padding(make_loss):
+    loss_fn = make_loss()
+    clean = with_threshold(loss_fn, make_batch(garbage=False))
+    dirty = make_batch(garbage=True)
+    dirty.entropy_threshold = clean.entropy_threshold
     out_clean, out_dirty = loss_fn(clean), loss_fn(dirty)
     out_clean.loss.backward()
     out_dirty.loss.backward()
@@ -77,7 +104,9 @@ def test_policy_loss_ignores_padding(loss_fn):
         torch.testing.assert_close(value, out_clean.metrics[name], rtol=0, atol=0, msg=name)
 
 
-@pytest.mark.parametrize("loss_fn", [NLLLoss(), ChordPhiLoss(loss_agg_mode="seq-mean-token-sum-norm")])
+@pytest.mark.parametrize(
+    "loss_fn", [NLLLoss(), ChordPhiLoss(loss_agg_mode="seq-mean-token-sum-norm", norm_constant=float(T))]
+)
 def test_sft_loss_ignores_padding(loss_fn):
     clean, dirty = make_batch(garbage=False), make_batch(garbage=True)
     out_clean = loss_fn(clean.logprobs, clean.mask)
@@ -89,11 +118,12 @@ def test_sft_loss_ignores_padding(loss_fn):
     assert torch.all(dirty.logprobs.grad[mask() == 0] == 0)
 
 
-@pytest.mark.parametrize("loss_fn", POLICY_LOSSES.values(), ids=POLICY_LOSSES.keys())
-def test_policy_loss_with_empty_mask_is_zero_and_finite(loss_fn):
+@pytest.mark.parametrize("make_loss", POLICY_LOSSES.values(), ids=POLICY_LOSSES.keys())
+def test_policy_loss_with_empty_mask_is_zero_and_finite(make_loss):
+    loss_fn = make_loss()
     batch = make_batch(garbage=True)
     batch.mask = torch.zeros(B, T)
-    out = loss_fn(batch)
+    out = loss_fn(with_threshold(loss_fn, batch))
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert torch.all(batch.logprobs.grad == 0)
@@ -102,9 +132,9 @@ def test_policy_loss_with_empty_mask_is_zero_and_finite(loss_fn):
 
 @pytest.mark.parametrize("dtype", [torch.long, torch.bool])
 def test_integer_and_bool_masks_match_float_mask(dtype):
-    loss_fn = POLICY_LOSSES["egspo-soft-chord"]
-    reference = loss_fn(make_batch(garbage=True)).loss
-    batch = make_batch(garbage=True)
+    loss_fn = POLICY_LOSSES["egspo-soft-chord"]()
+    reference = loss_fn(with_threshold(loss_fn, make_batch(garbage=True))).loss
+    batch = with_threshold(loss_fn, make_batch(garbage=True))
     batch.mask = batch.mask.to(dtype)
     assert torch.equal(loss_fn(batch).loss, reference)
     sft = ChordPhiLoss()(batch.logprobs, batch.mask).loss

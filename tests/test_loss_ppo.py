@@ -1,9 +1,10 @@
+import json
 import math
 
 import pytest
 import torch
 
-from egspo.losses import PPOClipLoss, TokenBatch, kl_penalty
+from egspo.losses import CEGPPOLoss, PPOClipLoss, TokenBatch, kl_penalty
 
 OLD = -1.0
 # Row 0: inside, clipped high (A>0, r>1.2), clipped low (A<0, r<0.8), inside.
@@ -84,6 +85,39 @@ def test_ppo_aggregation_modes(mode, expected):
     assert out.loss.item() == pytest.approx(expected)
 
 
+def test_dr_grpo_constant_comes_from_setup_not_the_batch_width():
+    loss_fn = PPOClipLoss(loss_agg_mode="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="setup"):
+        loss_fn(make_batch())
+    loss_fn.setup(vocab_size=100, max_completion_length=8)
+    assert loss_fn.norm_constant == 8.0
+    assert loss_fn(make_batch()).loss.item() == pytest.approx((0.8 / 8 + 1.0 / 8) / 2)
+    explicit = PPOClipLoss(loss_agg_mode="seq-mean-token-sum-norm", norm_constant=2.0)
+    explicit.setup(vocab_size=100, max_completion_length=8)
+    assert explicit.norm_constant == 2.0  # an option set explicitly is kept
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "option"),
+    [
+        ({"vocab_size": 1, "max_completion_length": 8}, "vocab_size"),
+        ({"vocab_size": 10, "max_completion_length": 0}, "max_completion_length"),
+        ({"vocab_size": 10.0, "max_completion_length": 8}, "vocab_size"),
+    ],
+)
+def test_setup_validates_its_arguments(kwargs, option):
+    with pytest.raises(ValueError, match=option):
+        PPOClipLoss().setup(**kwargs)
+
+
+def test_stateless_loss_state_dict_is_empty_and_strict():
+    loss_fn = PPOClipLoss()
+    assert loss_fn.state_dict() == {}
+    loss_fn.load_state_dict({})
+    with pytest.raises(ValueError, match="balance"):
+        loss_fn.load_state_dict({"balance": 0.1})
+
+
 def test_kl_term_is_added_with_beta():
     ref = [[-1.2, -0.9, -1.0, -1.0], [-1.0, -1.0, 5.0, 5.0]]
     batch = make_batch(ref=ref)
@@ -133,3 +167,44 @@ def test_token_batch_checks_shapes():
             entropy=torch.zeros(2, 3),
             mask=torch.ones(2, 3),
         )
+
+
+@pytest.mark.parametrize(
+    ("class_path", "init_args"),
+    [
+        (
+            "PPOClipLoss",
+            {"clip_high": 0.28, "loss_agg_mode": "seq-mean-token-sum-norm", "norm_constant": 512},
+        ),
+        (
+            "EGSPOLoss",
+            {"clip_low": 0.1, "dual_clip": 3.0, "gate": {"value": 0.7}, "low_entropy_weight": "p(1-p)"},
+        ),
+        ("CEGPPOLoss", {"clip_high": 0.28, "beta_low": 0.5, "beta": 0.01, "kl_estimator": "k2"}),
+        ("PAPOLoss", {"clip_high": 0.28, "gain": 2.0, "target_entropy": 0.6}),
+        ("ESPOLoss", {"alpha": 0.05, "beta": 0.01}),
+    ],
+)
+def test_yaml_init_args_name_every_option(class_path, init_args):
+    """The losses are chosen by class_path in YAML; shared options reach the base through **kwargs."""
+    jsonargparse = pytest.importorskip("jsonargparse")
+    from egspo.losses import PolicyLoss
+
+    parser = jsonargparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--loss", type=PolicyLoss)
+    spec = {"class_path": f"egspo.losses.{class_path}", "init_args": init_args}
+    loss = parser.instantiate(parser.parse_args([f"--loss={json.dumps(spec)}"])).loss
+    assert type(loss).__name__ == class_path
+    for name, value in init_args.items():
+        if name == "gate":
+            assert loss.gate.value == value["value"]
+        else:
+            assert getattr(loss, name) == value, name
+    typo = {"class_path": spec["class_path"], "init_args": {"clip_hihg": 0.3}}
+    with pytest.raises(jsonargparse.ArgumentError, match="clip_hihg"):
+        parser.parse_args([f"--loss={json.dumps(typo)}"])
+
+
+def test_cegppo_keeps_its_dual_clip_default():
+    assert CEGPPOLoss().dual_clip == 10.0
+    assert PPOClipLoss().dual_clip is None

@@ -39,6 +39,10 @@ def test_chord_phi_weights_nll_by_stopped_p_times_one_minus_p():
     torch.testing.assert_close(grad, expected)
 
 
-def test_sft_rejects_unknown_mode():
+def test_sft_rejects_unknown_mode_and_missing_constant():
     with pytest.raises(ValueError, match="loss_agg_mode"):
         ChordPhiLoss(loss_agg_mode="mean")
+    with pytest.raises(ValueError, match="norm_constant"):
+        NLLLoss(loss_agg_mode="seq-mean-token-sum-norm")
+    out, _ = run(NLLLoss(loss_agg_mode="seq-mean-token-sum-norm", norm_constant=2.0))
+    assert out.loss.item() == pytest.approx((3.0 / 2 + 0.5 / 2) / 2)

@@ -1,13 +1,14 @@
-"""Shared shell of every policy loss: input sanitising, the optional KL term, common metrics."""
+"""Shared shell of every policy loss: its lifecycle, input sanitising, the optional KL term, common metrics."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from .aggregation import AggMode, aggregate, check_agg_mode, masked_mean
+from .aggregation import AggMode, aggregate, check_agg_mode, masked_mean, missing_norm_constant
 from .batch import LossOutput, TokenBatch
 from .kl import KLEstimator, check_kl_estimator, kl_penalty
 
@@ -25,10 +26,26 @@ class PolicyLoss:
     ``torch.where`` before any arithmetic, so padding (even inf/NaN) never changes the loss
     and receives exactly zero gradient.
 
+    Lifecycle, driven by the trainer:
+
+    1. :meth:`setup` once, when the model is known: fills the options left at None.
+    2. :meth:`prepare` once per rollout batch, with the entropies of all its valid tokens (all ranks):
+       returns the gate threshold of gated losses and updates stateful controllers.
+    3. ``loss(batch)`` per mini-batch or micro-batch. It is a pure function of the batch and of the
+       state fixed by ``prepare``, and every mode is a sum over tokens divided by
+       :func:`~egspo.losses.aggregation.aggregation_units`, so micro-batch losses weighted by their
+       share of units add up to the single-pass loss.
+    4. :meth:`state_dict` / :meth:`load_state_dict` for checkpoints.
+
+    Losses that read ``batch.polarity`` set the class attribute ``needs_polarity = True``, so the
+    trainer scores with ``with_polarity=True``.
+
     Metrics common to all policy losses: ``pg_loss`` (policy term), ``approx_kl``
     (mean of ``(log r)^2 / 2`` over valid tokens, KL to the rollout policy), and ``kl``
     (the aggregated reference KL, only when ``beta > 0``).
     """
+
+    needs_polarity: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -47,11 +64,53 @@ class PolicyLoss:
         self.beta = beta
         self.kl_estimator = kl_estimator
 
+    # ------------------------------------------------------------------ lifecycle
+    def setup(self, *, vocab_size: int, max_completion_length: int) -> None:
+        """Fill the options left at None from the model and the run: called once by the trainer.
+
+        Dr.GRPO's ``norm_constant`` (``loss_agg_mode='seq-mean-token-sum-norm'``) becomes
+        ``max_completion_length``. Subclasses fill their own (``vocab_size``). Options set explicitly
+        are kept.
+        """
+        _check_int("vocab_size", vocab_size, minimum=2)
+        _check_int("max_completion_length", max_completion_length, minimum=1)
+        if missing_norm_constant(self.loss_agg_mode, self.norm_constant):
+            self.norm_constant = float(max_completion_length)
+
+    def prepare(self, entropy: Tensor) -> Tensor | None:
+        """Per-rollout-batch step, from the entropies (nats, 1-D) of all its valid tokens, all ranks.
+
+        Returns the gate threshold (a scalar tensor) for gated losses, passed to every mini-batch as
+        ``TokenBatch.entropy_threshold``; None here (no gate).
+        """
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loss's training state, in plain types and tensors (empty: stateless)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a key this loss does not have is an error, not ignored."""
+        unknown = set(state) - set(self.state_dict())
+        if unknown:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: unknown keys {sorted(unknown)}")
+
+    # ------------------------------------------------------------------ the loss
     def __call__(self, batch: TokenBatch) -> LossOutput:
+        name = type(self).__name__
+        if missing_norm_constant(self.loss_agg_mode, self.norm_constant):
+            raise ValueError(
+                f"{name} has loss_agg_mode={self.loss_agg_mode!r} but norm_constant is None: call "
+                "loss.setup(vocab_size=..., max_completion_length=...) or set norm_constant"
+            )
         if self.beta > 0 and batch.ref_logprobs is None:
             raise ValueError(
-                f"{type(self).__name__} has beta={self.beta} > 0 but batch.ref_logprobs is None; "
+                f"{name} has beta={self.beta} > 0 but batch.ref_logprobs is None; "
                 "compute reference log-probs or set beta=0"
+            )
+        if self.needs_polarity and batch.polarity is None:
+            raise ValueError(
+                f"{name} needs batch.polarity: score with token_logprobs(..., with_polarity=True)"
             )
         batch = sanitize(batch)
         log_ratio = (batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
@@ -75,6 +134,11 @@ class PolicyLoss:
         return aggregate(values, mask, self.loss_agg_mode, norm_constant=self.norm_constant)
 
 
+def _check_int(name: str, value: int, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def sanitize(batch: TokenBatch) -> TokenBatch:
     """Float32 copy of ``batch`` with 0 at every masked position (gradient-safe, unlike ``* mask``)."""
     valid = batch.mask > 0
@@ -93,4 +157,5 @@ def sanitize(batch: TokenBatch) -> TokenBatch:
         mask=valid.float(),
         ref_logprobs=clean(batch.ref_logprobs),
         entropy_threshold=None if threshold is None else threshold.float().reshape(()),
+        polarity=clean(batch.polarity),
     )

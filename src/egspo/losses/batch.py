@@ -15,9 +15,10 @@ class TokenBatch:
     anything (even inf/NaN) at masked positions, the losses never read it there.
     ``advantages`` is per token (a sequence advantage broadcast over its tokens).
     ``entropy`` is the sampling policy's predictive entropy in nats, without grad.
-    ``entropy_threshold`` (scalar, nats), when given, is used by gated losses instead of
-    their own threshold, so that a threshold computed once over the global rollout batch
-    (all ranks) is shared by every mini-batch.
+    ``entropy_threshold`` (scalar, nats) is the gate threshold of gated losses, computed once per
+    rollout batch by ``loss.prepare`` over all ranks' tokens and shared by every mini-batch.
+    ``polarity`` is the entropy polarity of each token (``token_logprobs(..., with_polarity=True)``),
+    without grad, for losses with ``needs_polarity``.
     """
 
     logprobs: Tensor
@@ -27,6 +28,7 @@ class TokenBatch:
     mask: Tensor
     ref_logprobs: Tensor | None = None
     entropy_threshold: Tensor | None = None
+    polarity: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mask.dim() != 2:

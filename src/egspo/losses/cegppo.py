@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
-from .aggregation import AggMode
-from .base import PolicyLoss
 from .batch import TokenBatch
-from .kl import KLEstimator
-from .ppo import check_clip_args, clip_metrics, clipped_objective
+from .ppo import ClippedPolicyLoss, clip_metrics
 
 
-class CEGPPOLoss(PolicyLoss):
+class CEGPPOLoss(ClippedPolicyLoss):
     """Clipped tokens keep the PPO value scale but pass a scaled gradient.
 
     Per-token objective, region by region (``r = exp(logp - old_logp)``, ``eps_l``/``eps_h`` the
@@ -27,39 +26,35 @@ class CEGPPOLoss(PolicyLoss):
     - elsewhere ``r A``, identical to PPO.
 
     ``r/sg(r)`` is computed as ``exp(log r - sg(log r))`` (exactly 1 in value).
+
+    Args:
+        beta_low, beta_high: ``beta_l``, ``beta_h`` >= 0, the gradient scale kept on clipped tokens.
+        dual_clip: ``c``, on by default here (10.0); None disables it.
+        **kwargs: ``clip_low``, ``clip_high``, ``loss_agg_mode``, ``norm_constant``, ``beta``,
+            ``kl_estimator``, as :class:`~egspo.losses.ppo.ClippedPolicyLoss`.
+
     Metrics: as :class:`PPOClipLoss`; ``clip_frac_low``/``clip_frac_high`` count the tokens in
     the first two regions (where PPO's gradient would be 0).
     """
 
     def __init__(
         self,
-        clip_low: float = 0.2,
-        clip_high: float = 0.2,
         beta_low: float = 0.75,
         beta_high: float = 1.0,
         dual_clip: float | None = 10.0,
-        loss_agg_mode: AggMode = "token-mean",
-        norm_constant: float | None = None,
-        beta: float = 0.0,
-        kl_estimator: KLEstimator = "k3",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            loss_agg_mode=loss_agg_mode, norm_constant=norm_constant, beta=beta, kl_estimator=kl_estimator
-        )
-        check_clip_args(clip_low, clip_high, dual_clip)
+        super().__init__(dual_clip=dual_clip, **kwargs)
         if not beta_low >= 0:
             raise ValueError(f"beta_low must be >= 0, got {beta_low}")
         if not beta_high >= 0:
             raise ValueError(f"beta_high must be >= 0, got {beta_high}")
-        self.clip_low = clip_low
-        self.clip_high = clip_high
         self.beta_low = beta_low
         self.beta_high = beta_high
-        self.dual_clip = dual_clip
 
     def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         advantages = batch.advantages
-        clip = clipped_objective(log_ratio, advantages, self.clip_low, self.clip_high, self.dual_clip)
+        clip = self.clip(log_ratio, advantages)
         unit = torch.exp(log_ratio - log_ratio.detach())  # r / sg(r): value 1, d/dlogp = 1
         objective = torch.where(
             clip.clipped_low,

@@ -32,13 +32,14 @@ class ESPOLoss(PolicyLoss):
 
     A sequence's loss is the mean over its non-empty groups; the batch loss is the mean over
     sequences with at least one valid token. The KL term (``beta > 0``) uses
-    ``seq-mean-token-mean`` to match this sequence-level averaging.
+    ``seq-mean-token-mean`` to match this sequence-level averaging; that is also the loss's
+    ``loss_agg_mode``, so ``aggregation_units`` counts sequences, the unit of the mean.
 
     Args:
         high_entropy_fraction: rho in (0, 1].
         alpha: scale of the entropy-adaptive clip range.
-        vocab_size: |V|; may be None at construction for the trainer to fill in from the model
-            config, but must be set before the loss is called.
+        vocab_size: |V|; may be left None for :meth:`setup` to fill from the model, but must be set
+            before the loss is called.
         beta, kl_estimator: as :class:`PPOClipLoss`.
 
     Metrics: ``clip_frac_low``, ``clip_frac_high``, ``clip_frac_dual`` (always 0), ``ratio_mean``
@@ -65,6 +66,11 @@ class ESPOLoss(PolicyLoss):
         self.alpha = alpha
         self.vocab_size = vocab_size
 
+    def setup(self, *, vocab_size: int, max_completion_length: int) -> None:
+        super().setup(vocab_size=vocab_size, max_completion_length=max_completion_length)
+        if self.vocab_size is None:
+            self.vocab_size = vocab_size
+
     def high_entropy_groups(self, entropy: Tensor, mask: Tensor) -> Tensor:
         """Bool ``[B, T]``: the valid tokens in each sequence's high-entropy group."""
         valid = mask > 0
@@ -79,7 +85,7 @@ class ESPOLoss(PolicyLoss):
 
     def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if self.vocab_size is None:
-            raise ValueError("ESPOLoss.vocab_size is None: set it, or let the trainer fill it from the model")
+            raise ValueError("ESPOLoss.vocab_size is None: set it, or call loss.setup(vocab_size=..., ...)")
         _check_vocab_size(self.vocab_size)
         valid = batch.mask > 0
         high = self.high_entropy_groups(batch.entropy, batch.mask)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Literal, Protocol, get_args, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -17,17 +17,17 @@ class EntropyGate:
 
     Rules for ``tau``:
 
-    - ``quantile``: the ``value``-quantile of ``H`` over the valid tokens of the batch given to
-      :meth:`threshold` (linear interpolation, as ``torch.quantile``); ``value=0.8`` gives the
-      top 20% of tokens full updates.
+    - ``quantile``: the ``value``-quantile of ``H`` over the valid tokens given to :meth:`threshold`
+      (linear interpolation, as ``torch.quantile``); ``value=0.8`` gives the top 20% of tokens full
+      updates.
     - ``absolute``: ``tau = value`` nats.
-    - ``normalized``: ``H / log|V| >= value``, i.e. ``tau = value * log(vocab_size)``.
+    - ``normalized``: ``H / log|V| >= value``, i.e. ``tau = value * log(vocab_size)``; ``vocab_size``
+      may be left None for :meth:`setup` to fill from the model.
 
     Weight: hard gate ``w = 1 if H >= tau else phi``; soft gate
     ``w = phi + (1 - phi) * sigmoid((H - tau) / temperature)`` (temperature in nats).
 
-    The knobs are plain attributes, so a scheduler may change ``gate.value`` during training;
-    they are re-validated whenever a threshold is computed.
+    ``value`` is what a schedule drives during training, through :meth:`set_value`.
     """
 
     def __init__(
@@ -46,33 +46,50 @@ class EntropyGate:
         self.validate()
 
     def validate(self) -> None:
-        """Raise a ValueError naming the offending option."""
+        """Raise a ValueError naming the offending option (``vocab_size`` may still be None)."""
         if self.rule not in GATE_RULES:
             raise ValueError(f"gate rule must be one of {GATE_RULES}, got {self.rule!r}")
-        if self.rule in ("quantile", "normalized") and not 0 <= self.value <= 1:
-            raise ValueError(f"gate value must be in [0, 1] for rule={self.rule!r}, got {self.value}")
-        if self.rule == "absolute" and not self.value >= 0:
-            raise ValueError(f"gate value must be >= 0 nats for rule='absolute', got {self.value}")
-        if self.rule == "normalized" and (self.vocab_size is None or self.vocab_size < 2):
-            raise ValueError(
-                f"gate rule='normalized' needs vocab_size >= 2 (entropy is divided by log|V|), "
-                f"got vocab_size={self.vocab_size}"
-            )
+        _check_value(self.rule, self.value)
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ValueError(f"gate vocab_size must be >= 2, got {self.vocab_size}")
         if not self.temperature > 0:
             raise ValueError(f"gate temperature must be > 0, got {self.temperature}")
 
-    def threshold(self, entropy: Tensor, mask: Tensor) -> Tensor:
+    def setup(self, *, vocab_size: int) -> None:
+        """Fill ``vocab_size`` from the model if it was left None (called by the loss's ``setup``)."""
+        if self.vocab_size is None:
+            self.vocab_size = vocab_size
+        self.validate()
+
+    def set_value(self, value: float) -> None:
+        """Set the gate's ``value`` (quantile, nats or fraction of ``log|V|``, by rule), validated first.
+
+        What a schedule (``GateScheduler``) calls; a bad value raises and leaves the gate unchanged.
+        """
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"gate value must be a float, got {type(value).__name__} {value!r}")
+        _check_value(self.rule, float(value))
+        self.value = float(value)
+
+    def threshold(self, entropy: Tensor, mask: Tensor | None = None) -> Tensor:
         """Scalar threshold ``tau`` in nats (float32, detached); 0 for ``quantile`` with no valid token.
 
-        The trainer calls this once on the entropies of the whole rollout batch (gathered over
-        ranks) and passes the result to the loss as ``TokenBatch.entropy_threshold``.
+        ``entropy`` holds the entropies of the whole rollout batch (all ranks), either the valid
+        ones only (1-D, ``mask`` None, as ``PolicyLoss.prepare`` receives them) or any shape with a
+        ``mask`` of valid positions.
         """
         self.validate()
         if self.rule == "absolute":
             return torch.tensor(float(self.value), device=entropy.device)
         if self.rule == "normalized":
+            if self.vocab_size is None:
+                raise ValueError(
+                    "gate rule='normalized' needs vocab_size (entropy is divided by log|V|): set it, "
+                    "or call loss.setup(vocab_size=..., ...)"
+                )
             return torch.tensor(self.value * math.log(self.vocab_size), device=entropy.device)
-        return _quantile(entropy.detach().float()[mask > 0], self.value)
+        values = entropy.detach().float()
+        return _quantile(values.flatten() if mask is None else values[mask > 0], self.value)
 
     def weights(self, entropy: Tensor, threshold: Tensor, low_weight: float | Tensor) -> Tensor:
         """Per-token weight ``w_t`` in ``[phi, 1]`` (``phi = low_weight``, float or tensor)."""
@@ -80,6 +97,20 @@ class EntropyGate:
             return torch.where(entropy >= threshold, torch.ones_like(entropy), low_weight)
         gate = torch.sigmoid((entropy - threshold) / self.temperature)
         return low_weight + (1.0 - low_weight) * gate
+
+
+@runtime_checkable
+class HasEntropyGate(Protocol):
+    """A loss with an entropy gate (``isinstance(loss, HasEntropyGate)``): what a gate schedule drives."""
+
+    gate: EntropyGate
+
+
+def _check_value(rule: str, value: float) -> None:
+    if rule in ("quantile", "normalized") and not 0 <= value <= 1:
+        raise ValueError(f"gate value must be in [0, 1] for rule={rule!r}, got {value}")
+    if rule == "absolute" and not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"gate value must be finite and >= 0 nats for rule='absolute', got {value}")
 
 
 def _quantile(values: Tensor, q: float) -> Tensor:

@@ -79,23 +79,25 @@ def clip_metrics(clip: ClippedObjective, mask: Tensor) -> dict[str, Tensor]:
     }
 
 
-class PPOClipLoss(PolicyLoss):
-    """GRPO/DAPO policy loss: ``-aggregate(PPO_t)``; DAPO's clip-higher is ``clip_high=0.28``.
+class ClippedPolicyLoss(PolicyLoss):
+    """Shared base of the losses built on PPO's clipped surrogate: the options they all take.
+
+    Subclasses declare their own options and pass the others on with ``**kwargs``; jsonargparse
+    resolves those to the arguments below, so YAML ``init_args`` name them directly.
 
     Args:
         clip_low: eps_l, the ratio is clipped at ``1 - clip_low`` (TRL ``epsilon``).
         clip_high: eps_h, the ratio is clipped at ``1 + clip_high`` (TRL ``epsilon_high``).
         dual_clip: c > 1; for ``A < 0`` the objective is ``max(PPO_t, c A)``, bounding how far a
             very off-policy bad token can push. None disables it.
-        loss_agg_mode, norm_constant: see :func:`egspo.losses.aggregate`.
+        loss_agg_mode, norm_constant: see :func:`egspo.losses.aggregate`; a ``norm_constant`` left
+            None for ``seq-mean-token-sum-norm`` is filled by :meth:`setup`.
         beta, kl_estimator: weight and estimator of the KL-to-reference term (off at 0).
-
-    Metrics: ``clip_frac_low``, ``clip_frac_high``, ``clip_frac_dual``, ``ratio_mean``,
-    ``pg_loss``, ``approx_kl`` (+ ``kl`` when ``beta > 0``).
     """
 
     def __init__(
         self,
+        *,
         clip_low: float = 0.2,
         clip_high: float = 0.2,
         dual_clip: float | None = None,
@@ -112,6 +114,21 @@ class PPOClipLoss(PolicyLoss):
         self.clip_high = clip_high
         self.dual_clip = dual_clip
 
+    def clip(self, log_ratio: Tensor, advantages: Tensor) -> ClippedObjective:
+        """:func:`clipped_objective` with this loss's clip range."""
+        return clipped_objective(log_ratio, advantages, self.clip_low, self.clip_high, self.dual_clip)
+
+
+class PPOClipLoss(ClippedPolicyLoss):
+    """GRPO/DAPO policy loss: ``-aggregate(PPO_t)``; DAPO's clip-higher is ``clip_high=0.28``.
+
+    Options: those of :class:`ClippedPolicyLoss` (defaults eps_l = eps_h = 0.2, no dual clip,
+    ``token-mean``, no KL).
+
+    Metrics: ``clip_frac_low``, ``clip_frac_high``, ``clip_frac_dual``, ``ratio_mean``,
+    ``pg_loss``, ``approx_kl`` (+ ``kl`` when ``beta > 0``).
+    """
+
     def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        clip = clipped_objective(log_ratio, batch.advantages, self.clip_low, self.clip_high, self.dual_clip)
+        clip = self.clip(log_ratio, batch.advantages)
         return self.aggregate(-clip.objective, batch.mask), clip_metrics(clip, batch.mask)

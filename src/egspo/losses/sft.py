@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .aggregation import AggMode, aggregate, check_agg_mode, masked_mean
+from .aggregation import AggMode, aggregate, check_agg_mode, masked_mean, missing_norm_constant
 from .batch import LossOutput
 
 
@@ -20,6 +20,11 @@ class SFTLoss:
 
     def __init__(self, loss_agg_mode: AggMode = "token-mean", norm_constant: float | None = None) -> None:
         check_agg_mode(loss_agg_mode, norm_constant)
+        if missing_norm_constant(loss_agg_mode, norm_constant):
+            raise ValueError(
+                f"{type(self).__name__}: loss_agg_mode={loss_agg_mode!r} needs norm_constant (Dr.GRPO's "
+                "constant, e.g. the maximum demonstration length)"
+            )
         self.loss_agg_mode = loss_agg_mode
         self.norm_constant = norm_constant
 

@@ -1,5 +1,5 @@
 """Fused tensor operations (pure torch)."""
 
-from egspo.ops.fused_logprobs import fused_logprobs_entropy
+from egspo.ops.fused_logprobs import TokenScores, fused_logprobs_entropy
 
-__all__ = ["fused_logprobs_entropy"]
+__all__ = ["TokenScores", "fused_logprobs_entropy"]
