@@ -69,7 +69,8 @@ def test_pass_metric_needs_enough_samples():
 
 def test_answer_key_normalises_numbers_and_extracts_the_final_answer():
     assert answer_key("3 + 4 = 7\n#### 7") == "7"
-    assert answer_key("so the total is 1,000.0") == "1000"
+    assert answer_key("so the total is 1,000.0", number_fallback=True) == "1000"
+    assert answer_key("so the total is 1,000.0") is None  # the last-number fallback is opt-in
     assert answer_key("\\boxed{\\frac{2}{4}}") == answer_key("#### 1/2") == "1/2"
     assert answer_key("no digits here") is None
 
@@ -91,7 +92,7 @@ def test_majority_vote_hand_values_and_ties():
 def test_majority_metric_votes_on_extracted_answers_of_the_first_k():
     metric = MajorityAtK([2, 4])
     completions = [
-        ["#### 7", "5 + 2 = 7", "#### 3", "#### 3"],  # maj@2: 7 (right); maj@4: tie 7/3 -> 1/2
+        ["#### 7", "so \\boxed{7}", "#### 3", "#### 3"],  # maj@2: 7 (right); maj@4: tie 7/3 -> 1/2
         ["#### 3", "#### 4", "#### 4", "#### 4"],  # maj@2: tie 3/4, 3 right -> 1/2; maj@4: 4 (wrong)
     ]
     correct = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
@@ -223,9 +224,7 @@ TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 
 
 def _tiny_cli(tmp_path, *extra: str):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
     root = os.path.join(os.path.dirname(__file__), "..")
     args = [
@@ -239,18 +238,25 @@ def _tiny_cli(tmp_path, *extra: str):
         f"--model.policy.config={TINY_MODEL}",
         "--model.sft_iterations=1",
         "--model.rl_iterations=0",
-        "--model.max_completion_length=8",
+        "--model.rollout.max_completion_length=8",
         "--data.eval_size=6",
         "--data.eval_batch_size=4",
         *extra,
     ]
-    return EGSPOCLI(HybridRLModule, HybridDataModule, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False)
+    return run(args, run=False)
 
 
 @pytest.mark.slow
 def test_validate_logs_every_metric_per_eval_set_and_keeps_the_rng(tmp_path):
-    cli = _tiny_cli(tmp_path, "--model.eval_num_samples=4", "--model.eval_pass_k=[1,2,4]")
+    from egspo.evaluation import eval_seed
+
+    cli = _tiny_cli(tmp_path, "--model.evaluation.num_samples=4", "--model.evaluation.pass_k=[1,2,4]")
+    cli.model.configure_model()  # building the model draws its random weights
+    torch.manual_seed(123)
     [logged] = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    after_eval = torch.rand(1)
+    torch.manual_seed(123)
+    assert torch.equal(after_eval, torch.rand(1)), "evaluation moved the global RNG"
     keys = {"accuracy", "pass@1", "pass@2", "pass@4", "maj@2", "maj@4", "response_length", "truncation_rate"}
     assert {k.removeprefix("val/synthetic/") for k in logged} == keys
     assert (
@@ -263,16 +269,12 @@ def test_validate_logs_every_metric_per_eval_set_and_keeps_the_rng(tmp_path):
     # an untrained model rarely stops: most samples hit the 8-token limit
     assert 0 <= logged["val/synthetic/truncation_rate"] <= 1
 
-    # the same numbers outside Lightning's loop (seeded per batch), and the accuracy-only view
-    torch.manual_seed(123)
-    rich = cli.model.evaluate_held_out_metrics()
-    after_eval = torch.rand(1)
-    torch.manual_seed(123)
-    assert torch.equal(after_eval, torch.rand(1)), "eval sampling moved the global RNG"
-    assert rich["synthetic"] == pytest.approx(
-        {k.removeprefix("val/synthetic/"): v for k, v in logged.items()}
-    )
-    assert cli.model.evaluate_held_out() == {"synthetic": rich["synthetic"]["accuracy"]}
+    # the same numbers from the plain Evaluator, outside Lightning's loop (seeded per batch)
+    evaluator, metrics = cli.model.evaluator, cli.model.evaluator.new_metrics()
+    for i, batch in enumerate(cli.datamodule.val_dataloader()[0]):
+        evaluator.update(cli.model.policy, batch["prompts"], batch["answers"], metrics, eval_seed(0, i))
+    plain = {k: float(v) for k, v in metrics.compute().items()}
+    assert plain == pytest.approx({k.removeprefix("val/synthetic/"): v for k, v in logged.items()})
 
 
 @pytest.mark.slow

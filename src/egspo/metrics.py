@@ -40,13 +40,16 @@ def pass_at_k(correct_counts: Tensor, n: int, k: int) -> Tensor:
     return 1.0 - factors.prod(dim=1)
 
 
-def answer_key(completion: str) -> str | None:
+def answer_key(completion: str, number_fallback: bool = False) -> str | None:
     """The final answer of a completion in a form where equal keys mean equal answers.
 
-    Numbers compare exactly (``1,000`` = ``1000.0``, ``1/2`` = ``\\frac{1}{2}``); anything
-    else by its canonical text. None when no answer can be extracted.
+    The answer is read as ``MathReward`` reads it (last ``\\boxed{}`` or ``####`` marker; the
+    last stand-alone number only with ``number_fallback``, as the reward's option), so that
+    maj@k votes over the answers the reward scores. Numbers compare exactly (``1,000`` =
+    ``1000.0``, ``1/2`` = ``\\frac{1}{2}``); anything else by its canonical text. None when
+    there is no answer.
     """
-    answer, _ = extract_answer(completion[-_MAX_ANSWER_TAIL:])
+    answer, _ = extract_answer(completion[-_MAX_ANSWER_TAIL:], number_fallback)
     if answer is None:
         return None
     number = canonical_number(answer)
@@ -125,9 +128,14 @@ class MajorityAtK(_MeanAtK):
     """Mean over prompts of maj@k: majority vote over the final answers of the first k samples.
 
     ``compute()`` returns ``{"maj@k": value}``; see :func:`majority_vote_accuracy` for ties.
+    ``number_fallback`` must match the reward's option of that name (see :func:`answer_key`).
     """
 
     name = "maj"
+
+    def __init__(self, ks: Sequence[int] = (1,), number_fallback: bool = False, **kwargs) -> None:
+        super().__init__(ks, **kwargs)
+        self.number_fallback = number_fallback
 
     def update(self, completions: Sequence[Sequence[str]], correct: Tensor) -> None:
         _check_rows(correct)
@@ -139,7 +147,7 @@ class MajorityAtK(_MeanAtK):
         flags = correct.bool().tolist()
         sums = [0.0] * len(self.ks)
         for texts, row in zip(completions, flags, strict=True):
-            keys = [answer_key(t) for t in texts]
+            keys = [answer_key(t, self.number_fallback) for t in texts]
             for i, k in enumerate(self.ks):
                 sums[i] += majority_vote_accuracy(keys[:k], row[:k])
         self.total += torch.tensor(sums, dtype=torch.float64, device=self.total.device)
@@ -197,10 +205,13 @@ class EvalMetrics(MetricCollection):
 
     ``update(greedy_correct=[P], correct=[P, n], completions=P x n texts, lengths=[P, n],
     truncated=[P, n])``; each metric takes the arguments it needs. With ``num_samples = 1``
-    the samples are the greedy answers and only pass@1 is reported.
+    the samples are the greedy answers and only pass@1 is reported. ``number_fallback``:
+    the reward's option of that name, so that maj@k reads answers as the reward does.
     """
 
-    def __init__(self, num_samples: int = 1, pass_k: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, num_samples: int = 1, pass_k: Sequence[int] | None = None, number_fallback: bool = False
+    ) -> None:
         ks = resolve_pass_k(num_samples, pass_k)
         metrics: dict[str, Metric] = {
             "accuracy": GreedyAccuracy(),
@@ -210,7 +221,7 @@ class EvalMetrics(MetricCollection):
         }
         vote = [k for k in ks if k > 1]
         if vote:
-            metrics["maj"] = MajorityAtK(vote)
+            metrics["maj"] = MajorityAtK(vote, number_fallback)
         super().__init__(metrics, compute_groups=False)
         self.num_samples = num_samples
 

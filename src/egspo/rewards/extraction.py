@@ -1,7 +1,8 @@
-"""Final-answer extraction and cheap normalisation, shared by rewards and data loading.
+"""Final-answer extraction and cheap normalisation, shared by rewards, metrics and data loading.
 
 Everything here is plain string work with linear cost in the input length, so it is safe
 to run in the trainer process on arbitrary model output (callers cap the length first).
+The answer policy it implements is documented on ``MathReward``.
 """
 
 from __future__ import annotations
@@ -12,42 +13,52 @@ from fractions import Fraction
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _HASH_MARKER = "####"
 # A number as models write it: optional sign, digits with optional thousands commas, decimals.
-_NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-_PLAIN_NUMBER_RE = re.compile(r"([+-]?)(\d+(?:,\d{3})*|\d*)(?:\.(\d*))?")
-_FRACTION_RE = re.compile(r"([+-]?)\\[dt]?frac\{([+-]?\d+)\}\{([+-]?\d+)\}|([+-]?\d+)/(\d+)")
+# The look-behind keeps it from starting inside a word, a decimal or another number.
+_NUMBER_RE = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\d])")
+# Characters next to a number that make it part of a larger expression (``2^{10}``, ``x_3``,
+# ``\frac{1}{2}``, ``3/4``): the fallback never reads such a fragment as the answer.
+_EMBEDDED_BEFORE = frozenset("^_{/")
+_EMBEDDED_AFTER = frozenset("^_}/")
+_PLAIN_NUMBER_RE = re.compile(r"([+-]?)([1-9]\d{0,2}(?:,\d{3})+|\d*)(?:\.(\d*))?")
+# ``1, 234`` is a list of two numbers, not 1234 (``canonical_text`` removes the space).
+_LIST_COMMA_RE = re.compile(r",\s")
+_SCIENTIFIC_RE = re.compile(r"(.+?)(?:[eE]|(?:\\times|\\cdot|\*|×)10\^)\{?([+-]?\d{1,4})\}?")
+_FRACTION_RE = re.compile(r"([+-]?)\\frac\{([+-]?\d+)\}\{([+-]?\d+)\}|([+-]?\d+)/(\d+)")
+# A whole answer wrapped in one text command: ``\text{265}`` is the number 265.
+_TEXT_WRAPPER_RE = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
+# Units that never change a number: a percent sign (``-4\%`` answers ``-4``) and degrees.
+_UNIT_SUFFIXES = ("\\%", "%", "^\\circ", "^{\\circ}")
 # Digits allowed before a number is converted to an exact fraction (int() on huge strings is slow).
 _MAX_FRACTION_DIGITS = 64
+# Decimal exponents allowed in scientific notation (10**1000 is still cheap to build).
+_MAX_EXPONENT = 1000
+_SUBSCRIPT_BRACES_RE = re.compile(r"_\{(\w)\}")
 _CANON_DROP = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\ ", "$", "{,}")
-# Box commands tried from the end before giving up (bounds the cost on adversarial text).
-_MAX_BOX_CANDIDATES = 16
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last complete ``\\boxed{...}`` (or ``\\fbox{...}``), braces balanced.
+    """Content of the last ``\\boxed{...}`` (or ``\\fbox{...}``), or None.
 
-    Scans backwards over box commands; an unterminated last box (truncated output) falls
-    back to the previous complete one. Returns None when there is no complete box.
+    Only the last box command counts: when it is empty, has no brace, or its braces never
+    close (output cut off), there is no boxed answer, and earlier boxes are not consulted.
     """
-    end = len(text)
-    for _ in range(_MAX_BOX_CANDIDATES):
-        start = max(text.rfind(cmd, 0, end) for cmd in _BOX_COMMANDS)
-        if start < 0:
-            return None
-        cmd_len = len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox")
-        i = start + cmd_len
-        while i < len(text) and text[i] == " ":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth = 0
-            for j in range(i, len(text)):
-                ch = text[j]
-                if ch == "{":
-                    depth += 1
-                elif ch == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j].strip()
-        end = start
+    start = max(text.rfind(cmd) for cmd in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    while i < len(text) and text[i].isspace():
+        i += 1
+    if i >= len(text) or text[i] != "{":
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        ch = text[j]
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j].strip() or None
     return None
 
 
@@ -62,28 +73,43 @@ def after_hash_marker(text: str) -> str | None:
 
 
 def last_number(text: str) -> str | None:
-    """The last number in ``text`` (thousands commas allowed), or None."""
+    """The last number in ``text`` (thousands commas allowed) when it stands on its own.
+
+    None when there is no number, or when the last one is a fragment of a larger expression
+    (an exponent, a subscript, part of a fraction): reading ``10`` out of ``2^{10}`` would
+    pay a wrong answer.
+    """
     found = None
     for found in _NUMBER_RE.finditer(text):  # noqa: B007 - keep the last match
         pass
-    return found.group(0) if found else None
+    if found is None:
+        return None
+    before = text[: found.start()].rstrip()
+    after = text[found.end() :].lstrip()
+    if (before and before[-1] in _EMBEDDED_BEFORE) or (after and after[0] in _EMBEDDED_AFTER):
+        return None
+    return found.group(0)
 
 
-def extract_answer(text: str) -> tuple[str | None, str]:
+def extract_answer(text: str, number_fallback: bool = False) -> tuple[str | None, str]:
     """Final answer of a completion and how it was found.
 
-    Priority: last complete ``\\boxed{}``, else the ``#### N`` line, else the last number.
-    Returns ``(answer, source)`` with source in {"boxed", "hash", "number", "none"}.
+    The last ``\\boxed{}``/``\\fbox{}``; in text without any box command, the ``#### N`` line
+    (GSM8K). A broken last marker (an empty or unclosed box, an empty ``####`` line) means
+    no answer. Only when the text has no marker at all and ``number_fallback`` is on is the
+    last stand-alone number taken. Returns ``(answer, source)`` with source in
+    {"boxed", "hash", "number", "none"}.
     """
-    boxed = last_boxed(text)
-    if boxed:
-        return boxed, "boxed"
-    hashed = after_hash_marker(text)
-    if hashed:
-        return hashed, "hash"
-    number = last_number(text)
-    if number is not None:
-        return number, "number"
+    if any(cmd in text for cmd in _BOX_COMMANDS):
+        boxed = last_boxed(text)
+        return (boxed, "boxed") if boxed is not None else (None, "none")
+    if _HASH_MARKER in text:
+        hashed = after_hash_marker(text)
+        return (hashed, "hash") if hashed is not None else (None, "none")
+    if number_fallback:
+        number = last_number(text)
+        if number is not None:
+            return number, "number"
     return None, "none"
 
 
@@ -97,8 +123,9 @@ def has_final_marker(text: str) -> bool:
 
 
 def canonical_text(answer: str) -> str:
-    """Answer with spacing, ``$``, ``\\left``/``\\right`` and a trailing period removed."""
-    out = answer.replace("\\$", "")
+    """Answer with spacing, ``$``, ``\\left``/``\\right``, braces around a one-character
+    subscript and a trailing period removed: equal canonical texts are the same answer."""
+    out = _SUBSCRIPT_BRACES_RE.sub(r"_\1", answer.replace("\\$", ""))
     for token in _CANON_DROP:
         out = out.replace(token, "")
     out = out.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
@@ -106,17 +133,35 @@ def canonical_text(answer: str) -> str:
     return out.rstrip(".")
 
 
-def canonical_number(answer: str) -> tuple[str, bool] | None:
-    """Exact canonical form of a plain numeric answer, or None when it is not one.
+def exact_number(answer: str) -> Fraction | str | None:
+    """The exact value of a plain numeric answer, or None when it is not one.
 
-    Handles integers (with thousands commas), decimals, ``a/b`` and ``\\frac{a}{b}``.
-    Returns ``(canonical, is_integer)``: equal canonical strings mean equal numbers.
-    Short numbers become reduced fractions ``p/q``; very long ones are compared as
-    digit strings, never converted (no quadratic ``int()`` on adversarial input).
+    Plain numbers are integers (thousands commas allowed), decimals, ``a/b``,
+    ``\\frac{a}{b}`` and scientific notation (``4.5e33``, ``4.5\\times10^{33}``), optionally
+    wrapped in ``\\text{}`` and followed by a percent or degree sign, which are dropped as
+    units. Numbers longer than 64 digits come back as their canonical digit string, never
+    converted (no quadratic ``int()`` on adversarial input): equal strings, equal numbers.
+    Thousands commas must group three digits after a non-zero lead (``0,234`` is a list).
     """
+    if _LIST_COMMA_RE.search(answer):
+        return None
     text = canonical_text(answer)
+    wrapped = _TEXT_WRAPPER_RE.fullmatch(text)
+    if wrapped:
+        text = wrapped.group(1)
+    for unit in _UNIT_SUFFIXES:
+        if text.endswith(unit):
+            text = text[: -len(unit)]
+            break
     if not text:
         return None
+    scientific = _SCIENTIFIC_RE.fullmatch(text)
+    if scientific:
+        mantissa = _plain_number(scientific.group(1))
+        exponent = int(scientific.group(2))
+        if not isinstance(mantissa, Fraction) or abs(exponent) > _MAX_EXPONENT:
+            return None
+        return mantissa * Fraction(10) ** exponent
     frac = _FRACTION_RE.fullmatch(text)
     if frac:
         if frac.group(2) is not None:
@@ -125,8 +170,11 @@ def canonical_number(answer: str) -> tuple[str, bool] | None:
             sign, num, den = "", frac.group(4), frac.group(5)
         if len(num) + len(den) > _MAX_FRACTION_DIGITS or int(den) == 0:
             return None
-        value = Fraction(int(num), int(den)) * (-1 if sign == "-" else 1)
-        return _fraction_key(value)
+        return Fraction(int(num), int(den)) * (-1 if sign == "-" else 1)
+    return _plain_number(text)
+
+
+def _plain_number(text: str) -> Fraction | str | None:
     plain = _PLAIN_NUMBER_RE.fullmatch(text)
     if not plain or not (plain.group(2) or plain.group(3)):
         return None
@@ -135,13 +183,21 @@ def canonical_number(answer: str) -> tuple[str, bool] | None:
     decimals = decimals.rstrip("0")
     if len(whole) + len(decimals) <= _MAX_FRACTION_DIGITS:
         value = Fraction(int(whole + decimals), 10 ** len(decimals))
-        return _fraction_key(-value if sign == "-" else value)
+        return -value if sign == "-" else value
     negative = sign == "-" and (whole != "0" or decimals)
-    digits = whole + ("." + decimals if decimals else "")
-    return ("-" if negative else "") + digits, not decimals
+    return ("-" if negative else "") + whole + ("." + decimals if decimals else "")
 
 
-def _fraction_key(value: Fraction) -> tuple[str, bool]:
+def canonical_number(answer: str) -> tuple[str, bool] | None:
+    """Canonical form of a plain numeric answer (see ``exact_number``), or None.
+
+    Returns ``(canonical, is_integer)``: equal canonical strings mean equal numbers.
+    """
+    value = exact_number(answer)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value, "." not in value
     if value.denominator == 1:
         return str(value.numerator), True
     return f"{value.numerator}/{value.denominator}", False

@@ -3,35 +3,114 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Literal
 
 import torch
 
 from egspo.rewards.base import RewardFunction, RewardOutput
-from egspo.rewards.extraction import canonical_number, canonical_text, extract_answer, has_final_marker
-from egspo.rewards.verifier import VerifierPool, VerifyResult
+from egspo.rewards.extraction import canonical_text, exact_number, extract_answer, has_final_marker
+from egspo.rewards.verifier import GoldStatus, VerifierPool, VerifyResult
 
 
-def _as_latex(answer: str) -> str:
-    """Give math-verify an unambiguous target: its highest-priority form is ``\\boxed{}``."""
-    return answer if "\\boxed" in answer else "\\boxed{" + answer + "}"
+def _as_latex(value: Fraction | str) -> str:
+    """A plain number as LaTeX that math-verify reads one way only."""
+    if isinstance(value, str) or value.denominator == 1:
+        return str(value)
+    sign = "-" if value < 0 else ""
+    return f"{sign}\\frac{{{abs(value.numerator)}}}{{{value.denominator}}}"
+
+
+# How a worker result decides a sample: "verify" a (prediction, gold) pair; "text": the
+# prediction is the gold's own text, right unless the gold is unparsable; "gold": no
+# prediction, the result only classifies the gold.
+_Use = Literal["verify", "text", "gold"]
+
+
+@dataclass
+class _Scores:
+    """Per-sample outcome of one call, filled in by the fast path or by a worker result."""
+
+    correct: list[float]
+    gold: list[GoldStatus | None]
+    status: list[str]
+    unparsed: list[bool]  # an answer math-verify cannot read in full
+
+    def apply(self, i: int, result: VerifyResult, use: _Use) -> None:
+        self.status[i] = result.status
+        if result.status != "ok":
+            return
+        self.gold[i] = result.gold
+        if use == "text":
+            self.correct[i] = float(result.gold != "unparsable")
+        elif use == "verify":
+            self.unparsed[i] = result.gold == "ok" and not result.pred_parsed
+            self.correct[i] = float(result.correct and result.gold == "ok")
 
 
 class MathReward(RewardFunction):
     """``reward = correct + format_weight * format`` per completion.
 
-    ``correct`` is 1 when the completion's final answer (last ``\\boxed{}``, else the
-    ``#### N`` line, else the last number) equals the gold answer, else 0. Only the last
-    ``max_completion_chars`` characters are read (the answer is at the end), and an
-    extracted answer longer than ``max_answer_chars`` counts as an extraction failure.
+    ``correct`` is 1 only when the completion's final answer equals the gold answer. The
+    policy, chosen so that a wrong answer is never paid:
 
-    Fast path, in this process: plain numbers (integers, decimals, fractions) are compared
-    exactly, and a prediction textually equal to an already-verified gold is accepted.
-    Everything else goes to math-verify in worker processes (``VerifierPool``), each
-    sample bounded by ``timeout_seconds`` of wall time; results are cached by
-    ``(prediction, gold)``. A gold that math-verify cannot parse into an expression never
-    yields 1. A verifier error or timeout gives 0 and is counted in the metrics.
+    - **Final answer.** The content of the last ``\\boxed{}`` (or ``\\fbox{}``); in a
+      completion without any box command, the text after the last ``####`` on its line
+      (GSM8K). If the last box is empty or broken (cut off before its closing brace), there
+      is no answer: earlier boxes and numbers are never consulted. The last-number fallback
+      is off unless ``number_fallback=True``, and even then it applies only to completions
+      without any marker, and only to a number that stands alone (never the ``10`` of
+      ``2^{10}``).
+    - **Numbers** (integers, decimals, ``a/b``, ``\\frac{a}{b}``, ``4.5e33``,
+      ``4.5\\times10^{33}``, optionally in ``\\text{}``; ``\\%`` and ``^\\circ`` are units and
+      dropped, so ``-4\\%`` answers ``-4``; ``1, 234`` is a list, ``1,234`` is 1234) are
+      compared exactly: ``0.5`` equals ``1/2``, ``0.3333333`` is not ``1/3`` and
+      ``3.1415927`` is not ``\\pi``. ``rel_tol > 0`` accepts ``|pred - gold| <= rel_tol *
+      |gold|`` for scalar answers. Other expressions are compared by math-verify (sympy
+      simplification, then numerically to 60 significant digits), decimals in them exactly.
+    - **Relations** are compared whole (math-verify: equivalent equations and inequalities
+      match). An equation answers a bare gold value only as ``variable = value``:
+      ``x = 5`` answers 5, ``6 = 5``, ``2x = 10`` and ``x > 5`` do not, and every link of
+      ``x = 2 + 3 = 5`` must hold. Symmetrically, a gold ``x = 5`` is answered by ``5``.
+    - **Lists** match only a gold of the same length (as math-verify compares sets and
+      tuples: a set in any order, a tuple or interval in order).
+    - **Golds** are classified once. "unparsable" golds never pay: math-verify cannot read
+      them as LaTeX (a set-builder ``\\{x | -2 \\leq x < 1\\}``, ``x \\neq \\pm 5``; its
+      number search used to read these as 1 and 5, which is not done here). "lossy" golds
+      parse but lose meaning: ``N = n`` (latex2sympy makes both letters one symbol), ``52_8``
+      (the base is dropped), a unit strip that deletes more than a unit, a vanished relation
+      sign or letter; such a gold pays only a prediction whose canonical text is the gold's
+      own, never one that matches what was left of it. ``audit_golds`` reports both when
+      data loads. Answers are parsed the same way; one that is lossy or unparsable scores 0
+      (``reward/unparsable_answers``).
+
+    Fast path, in this process: two plain numbers are decided here, and a prediction
+    whose canonical text is the gold's is accepted unless the gold is unparsable. Everything else goes to math-verify in
+    worker processes (``VerifierPool``), each sample bounded by ``timeout_seconds`` of wall
+    time and the whole call by ``batch_timeout_seconds``; results are cached by
+    ``(prediction, gold)``. Only the last ``max_completion_chars`` characters are read (the
+    answer is at the end), and an answer longer than ``max_answer_chars`` counts as an
+    extraction failure. A verifier error, timeout or spent budget gives 0 and is counted.
 
     ``format`` is 1 when the last line holds ``#### X`` or ``\\boxed{X}`` (see FormatReward).
+
+    Args:
+        timeout_seconds: wall-time limit of one sample's verification.
+        format_weight: weight of the format bonus.
+        num_workers: verifier processes (parallel verification of a batch).
+        max_completion_chars: characters read from the end of each completion.
+        max_answer_chars: longest answer (and gold) that is verified.
+        cache_size: ``(prediction, gold)`` results kept.
+        number_fallback: read the last stand-alone number of a completion that has no
+            ``\\boxed{}`` or ``####`` marker (for models prompted without a format).
+        rel_tol: relative tolerance for numeric answers; 0 (default) is exact, e.g. 1e-4
+            accepts answers rounded to about four significant digits.
+        batch_timeout_seconds: wall-time budget of the math-verify part of one call; the
+            samples not verified by then score 0 and are counted in
+            ``reward/budget_exhausted``. None (default): no budget, only the per-sample limit
+            (a batch of pathological answers then costs up to ``timeout_seconds`` each
+            divided by ``num_workers``).
     """
 
     def __init__(
@@ -42,17 +121,27 @@ class MathReward(RewardFunction):
         max_completion_chars: int = 8192,
         max_answer_chars: int = 1000,
         cache_size: int = 65536,
+        number_fallback: bool = False,
+        rel_tol: float = 0.0,
+        batch_timeout_seconds: float | None = None,
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
         if max_completion_chars < 1 or max_answer_chars < 1:
             raise ValueError("max_completion_chars and max_answer_chars must be >= 1")
+        if not 0 <= rel_tol < 1:
+            raise ValueError(f"rel_tol must be in [0, 1), got {rel_tol}")
+        if batch_timeout_seconds is not None and batch_timeout_seconds <= 0:
+            raise ValueError(f"batch_timeout_seconds must be > 0 or None, got {batch_timeout_seconds}")
         self.timeout_seconds = timeout_seconds
         self.format_weight = format_weight
         self.num_workers = num_workers
         self.max_completion_chars = max_completion_chars
         self.max_answer_chars = max_answer_chars
         self.cache_size = cache_size
+        self.number_fallback = number_fallback
+        self.rel_tol = rel_tol
+        self.batch_timeout_seconds = batch_timeout_seconds
         self._pool: VerifierPool | None = None
         self._cache: OrderedDict[tuple[str | None, str], VerifyResult] = OrderedDict()
 
@@ -60,88 +149,107 @@ class MathReward(RewardFunction):
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         n = len(completions)
-        correct = [0.0] * n
-        gold_ok: list[bool | None] = [None] * n
-        status = ["ok"] * n
+        scores = _Scores([0.0] * n, [None] * n, ["ok"] * n, [False] * n)
         extraction_failures = 0
-        pending: dict[tuple[str | None, str], list[int]] = {}
+        pending: dict[tuple[str | None, str], list[tuple[int, _Use]]] = {}
 
         for i, (completion, raw_gold) in enumerate(zip(completions, answers, strict=True)):
             gold = str(raw_gold).strip()
-            tail = completion[-self.max_completion_chars :]
-            pred, _ = extract_answer(tail)
+            pred, _ = extract_answer(completion[-self.max_completion_chars :], self.number_fallback)
             if pred is not None and len(pred) > self.max_answer_chars:
                 pred = None
-            if pred is None:
-                extraction_failures += 1
+            extraction_failures += pred is None
             if not gold or len(gold) > self.max_answer_chars:
-                gold_ok[i] = False
+                scores.gold[i] = "unparsable"
                 continue
-            gold_number = canonical_number(gold)
-            if gold_number is not None:
-                gold_ok[i] = True
-                if pred is None:
+            gold_value = exact_number(gold)
+            if gold_value is not None:  # a plain number: decided here unless the answer is not one
+                scores.gold[i] = "ok"
+                pred_value = None if pred is None else exact_number(pred)
+                if pred_value is not None:
+                    scores.correct[i] = float(self._numbers_equal(pred_value, gold_value))
+                if pred is None or pred_value is not None:
                     continue
-                pred_number = canonical_number(pred)
-                if pred_number is not None:
-                    if pred_number[0] == gold_number[0]:
-                        correct[i] = 1.0
-                        continue
-                    if pred_number[1] and gold_number[1]:  # two different integers
-                        continue
-            gold_latex = _as_latex(gold)
-            known = self._cache_get((None, gold_latex))  # gold parse status from earlier calls
-            if known is not None and (not known.gold_ok or pred is None):
-                gold_ok[i] = known.gold_ok
-                continue
+                gold = _as_latex(gold_value)  # the workers get the number unambiguously (not "1,000")
             if pred is None:
-                pending.setdefault((None, gold_latex), []).append(i)
-                continue
-            if known is not None and canonical_text(pred) == canonical_text(gold):
-                gold_ok[i], correct[i] = True, 1.0
-                continue
-            key = (_as_latex(pred), gold_latex)
+                key, use = (None, gold), "gold"
+            elif canonical_text(pred) == canonical_text(gold):
+                key, use = (None, gold), "text"
+            else:
+                key, use = (pred, gold), "verify"
             hit = self._cache_get(key)
-            if hit is not None:
-                self._apply(i, hit, correct, gold_ok, status)
-                continue
-            pending.setdefault(key, []).append(i)
+            if hit is None:
+                pending.setdefault(key, []).append((i, use))
+            else:
+                scores.apply(i, hit, use)
 
         if pending:
             keys = list(pending)
-            for key, result in zip(keys, self._verifier().run(keys), strict=True):
-                self._cache_put(key, result)
+            results = self._verifier().run(keys, self.batch_timeout_seconds)
+            for key, result in zip(keys, results, strict=True):
                 if result.status == "ok":
-                    self._cache_put((None, key[1]), VerifyResult(result.gold_ok, False, "ok"))
-                for i in pending[key]:
-                    self._apply(i, result, correct, gold_ok, status)
+                    self._cache_put(key, result)
+                    self._cache_put((None, key[1]), VerifyResult(result.gold, False, "ok", result.reason))
+                for i, use in pending[key]:
+                    scores.apply(i, result, use)
 
         fmt = [float(has_final_marker(c[-self.max_completion_chars :])) for c in completions]
         rewards = torch.tensor(
-            [c + self.format_weight * f for c, f in zip(correct, fmt, strict=True)], dtype=torch.float32
+            [c + self.format_weight * f for c, f in zip(scores.correct, fmt, strict=True)],
+            dtype=torch.float32,
         )
         denom = max(n, 1)
         metrics = {
             "reward/mean": rewards.sum().item() / denom,
-            "reward/accuracy": sum(correct) / denom,
+            "reward/accuracy": sum(scores.correct) / denom,
             "reward/format": sum(fmt) / denom,
-            "reward/unparsable_gold": float(sum(ok is False for ok in gold_ok)),
+            "reward/unparsable_gold": float(scores.gold.count("unparsable")),
+            "reward/lossy_gold": float(scores.gold.count("lossy")),
             "reward/extraction_failures": float(extraction_failures),
-            "reward/verify_errors": float(status.count("error")),
-            "reward/verify_timeouts": float(status.count("timeout")),
+            "reward/unparsable_answers": float(sum(scores.unparsed)),
+            "reward/verify_errors": float(scores.status.count("error")),
+            "reward/verify_timeouts": float(scores.status.count("timeout")),
+            "reward/budget_exhausted": float(scores.status.count("budget")),
             "reward/verifier_calls": float(len(pending)),
         }
-        return RewardOutput(rewards, metrics, correct=torch.tensor(correct) > 0.5)
+        return RewardOutput(rewards, metrics, correct=torch.tensor(scores.correct) > 0.5)
 
-    @staticmethod
-    def _apply(i: int, result: VerifyResult, correct: list, gold_ok: list, status: list) -> None:
-        status[i] = result.status
-        gold_ok[i] = result.gold_ok if result.status == "ok" else gold_ok[i]
-        correct[i] = 1.0 if (result.correct and result.gold_ok and result.status == "ok") else 0.0
+    def classify_golds(self, golds: list[str]) -> list[tuple[GoldStatus, str]]:
+        """``(class, reason)`` of each gold, exactly as ``__call__`` sees it: "ok", "lossy"
+        (pays only its own text) or "unparsable" (never pays). Distinct golds are parsed
+        once, plain numbers in this process, the rest in the workers, without a budget."""
+        out: dict[str, tuple[GoldStatus, str]] = {}
+        pending: list[str] = []
+        for raw in dict.fromkeys(str(g).strip() for g in golds):
+            if not raw:
+                out[raw] = ("unparsable", "empty")
+            elif len(raw) > self.max_answer_chars:
+                out[raw] = ("unparsable", f"longer than max_answer_chars={self.max_answer_chars}")
+            elif exact_number(raw) is not None:
+                out[raw] = ("ok", "")
+            elif (known := self._cache_get((None, raw))) is not None:
+                out[raw] = (known.gold, known.reason)
+            else:
+                pending.append(raw)
+        results = self._verifier().run([(None, g) for g in pending]) if pending else []
+        for gold, result in zip(pending, results, strict=True):
+            if result.status == "ok":
+                self._cache_put((None, gold), result)
+                out[gold] = (result.gold, result.reason)
+            else:
+                out[gold] = ("unparsable", f"verification {result.status}")
+        return [out[str(g).strip()] for g in golds]
+
+    def _numbers_equal(self, pred: Fraction | str, gold: Fraction | str) -> bool:
+        if isinstance(pred, str) or isinstance(gold, str):  # over 64 digits: exact digits only
+            return pred == gold
+        if self.rel_tol == 0:
+            return pred == gold
+        return abs(pred - gold) <= Fraction(self.rel_tol) * abs(gold)
 
     def _verifier(self) -> VerifierPool:
         if self._pool is None:
-            self._pool = VerifierPool(self.num_workers, self.timeout_seconds)
+            self._pool = VerifierPool(self.num_workers, self.timeout_seconds, rel_tol=self.rel_tol)
         return self._pool
 
     def _cache_get(self, key: tuple[str | None, str]) -> VerifyResult | None:

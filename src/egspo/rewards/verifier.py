@@ -4,8 +4,10 @@ math-verify bounds its own run time with ``signal.alarm``, which works only in t
 thread of the main process: not in DataLoader workers, callback threads or async rollout
 code. Sympy can also block inside a single C call (``9^{9^{9^9}}``) where no signal helps.
 So verification runs in child processes: each request gets ``timeout_seconds`` of wall
-time, after which its worker is killed and replaced. The children are plain scripts
-started with ``subprocess`` (fork + exec), which is safe from a process with threads.
+time, after which its worker is killed and replaced, and a whole call can be given a
+budget after which the requests still queued or running are given up. The children are
+plain scripts started with ``subprocess`` (fork + exec), which is safe from a process with
+threads.
 """
 
 from __future__ import annotations
@@ -28,19 +30,27 @@ _WORKER_SCRIPT = Path(__file__).with_name("_verify_worker.py")
 _MAX_ATTEMPTS = 2
 
 
+GoldStatus = Literal["ok", "lossy", "unparsable"]
+
+
 @dataclass(frozen=True)
 class VerifyResult:
-    """Outcome of one request: whether the gold parsed, whether the prediction matched."""
+    """Outcome of one request. ``gold``: "ok" (parsed without loss), "lossy" (parsed, but the
+    parse drops meaning, ``reason`` says what) or "unparsable"; ``pred_parsed``: the
+    prediction parsed without loss (only verified when the gold is "ok"). Both are known only
+    when ``status`` is "ok"; "budget": not verified, the call's budget ran out first."""
 
-    gold_ok: bool
+    gold: GoldStatus
     correct: bool
-    status: Literal["ok", "timeout", "error"]
+    status: Literal["ok", "timeout", "error", "budget"]
+    reason: str = ""
+    pred_parsed: bool = False
 
 
 class _Worker:
-    def __init__(self, soft_timeout: float) -> None:
+    def __init__(self, soft_timeout: float, rel_tol: float) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, str(_WORKER_SCRIPT), f"{soft_timeout:.3f}"],
+            [sys.executable, str(_WORKER_SCRIPT), f"{soft_timeout:.3f}", repr(rel_tol)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -100,8 +110,9 @@ class VerifierPool:
 
     Workers start on first use and stay alive between calls (start-up imports sympy,
     about a second). Each request has ``timeout_seconds`` of wall time; the worker's own
-    timer fires at ``soft_fraction`` of it so most timeouts cost no restart. A pool used
-    after ``fork`` starts fresh workers in the child and leaves the parent's alone.
+    timer fires at ``soft_fraction`` of it so most timeouts cost no restart. ``rel_tol`` is
+    the relative tolerance for scalar numeric answers (0: exact). A pool used after
+    ``fork`` starts fresh workers in the child and leaves the parent's alone.
     """
 
     def __init__(
@@ -110,6 +121,7 @@ class VerifierPool:
         timeout_seconds: float = 2.0,
         soft_fraction: float = 0.8,
         startup_timeout: float = 120.0,
+        rel_tol: float = 0.0,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -121,19 +133,28 @@ class VerifierPool:
         self.timeout_seconds = timeout_seconds
         self.soft_timeout = timeout_seconds * soft_fraction
         self.startup_timeout = startup_timeout
+        self.rel_tol = rel_tol
         self.restarts = 0
         self._workers: list[_Worker] = []
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _shutdown, self._workers)
 
-    def run(self, requests: list[tuple[str | None, str]]) -> list[VerifyResult]:
-        """Verify each ``(pred, gold)``; ``pred=None`` only checks that the gold parses."""
+    def run(
+        self, requests: list[tuple[str | None, str]], budget_seconds: float | None = None
+    ) -> list[VerifyResult]:
+        """Verify each ``(pred, gold)``; ``pred=None`` only classifies the gold.
+
+        With ``budget_seconds``, requests not finished that many seconds after the call
+        starts (worker restarts included) come back with status "budget"; the workers
+        still busy with them are replaced, so the next call starts clean.
+        """
         if not requests:
             return []
         with self._lock:
+            deadline = None if budget_seconds is None else time.monotonic() + budget_seconds
             self._ensure_workers()
-            return self._run(requests)
+            return self._run(requests, deadline)
 
     def close(self) -> None:
         """Stop the workers (they also exit on their own when this process ends)."""
@@ -147,14 +168,14 @@ class VerifierPool:
             self._finalizer.detach()
             self._finalizer = weakref.finalize(self, _shutdown, self._workers)
         while len(self._workers) < self.num_workers:
-            self._workers.append(_Worker(self.soft_timeout))
+            self._workers.append(_Worker(self.soft_timeout, self.rel_tol))
 
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker(self.soft_timeout)
+        self._workers[self._workers.index(worker)] = _Worker(self.soft_timeout, self.rel_tol)
         self.restarts += 1
 
-    def _run(self, requests: list[tuple[str | None, str]]) -> list[VerifyResult]:
+    def _run(self, requests: list[tuple[str | None, str]], deadline: float | None) -> list[VerifyResult]:
         payloads = [(json.dumps({"pred": p, "gold": g}) + "\n").encode() for p, g in requests]
         results: list[VerifyResult | None] = [None] * len(requests)
         attempts = [0] * len(requests)
@@ -172,17 +193,20 @@ class VerifierPool:
             if status == "error" and attempts[task] < _MAX_ATTEMPTS:
                 queue.append(task)  # a crash may be unrelated to this request: retry once
             else:
-                results[task] = VerifyResult(False, False, status)
+                results[task] = VerifyResult("unparsable", False, status)
                 remaining -= 1
 
         while remaining:
             now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self._give_up(results, queue)
+                break
             for worker in list(self._workers):
                 if worker.ready and worker.task is None and queue:
                     task = queue.pop()
                     if not worker.send(task, payloads[task], now + self.timeout_seconds):
                         fail(worker, "error")
-            waits = []
+            waits = [] if deadline is None else [deadline]
             for worker in self._workers:
                 if not worker.ready:
                     waits.append(worker.started + self.startup_timeout)
@@ -204,7 +228,11 @@ class VerifierPool:
                         worker.ready = True
                     elif worker.task is not None:
                         results[worker.task] = VerifyResult(
-                            bool(message["gold_ok"]), bool(message["correct"]), message["status"]
+                            message["gold"],
+                            bool(message["correct"]),
+                            message["status"],
+                            message["reason"],
+                            bool(message["pred_parsed"]),
                         )
                         worker.task = None
                         remaining -= 1
@@ -217,3 +245,15 @@ class VerifierPool:
                         f"math-verify worker did not start within {self.startup_timeout:.0f} s"
                     )
         return results  # type: ignore[return-value]
+
+    def _give_up(self, results: list[VerifyResult | None], queue: list[int]) -> None:
+        """Budget spent: mark the queued and running requests, replace the busy workers."""
+        budget = VerifyResult("unparsable", False, "budget")
+        for worker in list(self._workers):
+            if worker.task is not None:
+                results[worker.task] = budget
+                worker.task = None
+                self._replace(worker)
+        for task in queue:
+            results[task] = budget
+        queue.clear()
