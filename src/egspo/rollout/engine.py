@@ -1,13 +1,70 @@
-"""Rollout engines: sample `num_generations` completions for every prompt in one batched call."""
+"""What every rollout engine takes and returns: sampling parameters, the rollout, the engine protocol.
+
+An engine turns left-padded prompts into `num_samples` sampled completions per prompt, rows
+grouped prompt by prompt. The loss later scores these tokens under `softmax(logits / T)`, so an
+engine samples from exactly that distribution (then truncated by top-k / top-p, as asked) and
+from nothing else: no repetition penalty, min-p or other processor a model's own
+`generation_config` may carry. Engines that can also record, while sampling, each token's
+log-prob and the entropy of the tempered distribution it came from, so that the rollout needs no
+separate scoring pass for them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
-from transformers import GenerationConfig
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: one object for every engine, validated once.
+
+    Args:
+        max_new_tokens: completion tokens per sample at most.
+        num_samples: samples per prompt (TRL's `num_generations`); rows come grouped prompt by prompt.
+        temperature: the sampling distribution is `softmax(logits / temperature)`; > 0.
+        top_p: nucleus truncation of the tempered distribution, in (0, 1]; 1 disables it.
+        top_k: keep the k most likely tokens; 0 disables it.
+        greedy: argmax decoding; temperature, top_p and top_k then do not change the choice
+            (log-probs and entropies are still those of the tempered distribution).
+        stop_token_ids: a row ends at the first of these, which is kept in its completion.
+        pad_token_id: fills completion columns after a row's stop token.
+    """
+
+    max_new_tokens: int
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+
+    def __post_init__(self) -> None:
+        # YAML and callers may hand a list; a tuple keeps the object hashable and immutable.
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = {
+            "max_new_tokens": (self.max_new_tokens >= 1, "must be >= 1"),
+            "num_samples": (self.num_samples >= 1, "must be >= 1"),
+            "temperature": (self.temperature > 0, "must be > 0"),
+            "top_p": (0 < self.top_p <= 1, "must be in (0, 1]"),
+            "top_k": (self.top_k >= 0, "must be >= 0 (0 disables it)"),
+            "pad_token_id": (self.pad_token_id >= 0, "must be >= 0"),
+            "stop_token_ids": (all(t >= 0 for t in self.stop_token_ids), "must be token ids >= 0"),
+        }
+        for name, (ok, message) in checks.items():
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}: {message}, got {getattr(self, name)!r}")
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top-k or top-p cut the tempered distribution before sampling."""
+        return self.top_k > 0 or self.top_p < 1.0
 
 
 @dataclass
@@ -15,108 +72,91 @@ class Rollout:
     """Prompts and sampled completions, one row per sample, grouped prompt by prompt.
 
     `input_ids = [prompt (left-padded) | completion (right-padded)]`; the completion starts at
-    column `prompt_length`. `completion_mask` marks completion tokens up to and including EOS.
+    column `prompt_length`. `completion_mask` marks completion tokens up to and including the stop
+    token. `entropy` and `logprobs`, when the engine records them, are those of the tempered,
+    untruncated distribution `softmax(logits / T)` each completion token was drawn from (nats;
+    zero where `completion_mask` is 0): what the loss scores, whatever top-k / top-p did.
     """
 
-    input_ids: Tensor  # [B*G, P + C]
-    attention_mask: Tensor  # [B*G, P + C]
-    completion_mask: Tensor  # [B*G, C]
-    truncated: Tensor  # [B*G] bool: no EOS within max_completion_length
+    input_ids: Tensor  # [N, P + C]
+    attention_mask: Tensor  # [N, P + C]
+    completion_mask: Tensor  # [N, C] long
+    truncated: Tensor  # [N] bool: no stop token within max_new_tokens
     prompt_length: int
+    entropy: Tensor | None = None  # [N, C] float32
+    logprobs: Tensor | None = None  # [N, C] float32
 
     @property
     def completion_ids(self) -> Tensor:
         return self.input_ids[:, self.prompt_length :]
 
+    @classmethod
+    def from_completions(
+        cls,
+        prompt_ids: Tensor,
+        prompt_mask: Tensor,
+        completion_ids: Tensor,
+        params: SamplingParams,
+        *,
+        entropy: Tensor | None = None,
+        logprobs: Tensor | None = None,
+    ) -> Rollout:
+        """Assemble a rollout from `[prompts, P]` and the `[prompts * num_samples, C]` completions.
+
+        Every engine ends here, so masks, truncation flags and the zeros of recorded values past
+        a row's stop token mean the same whatever engine produced the tokens.
+        """
+        g = params.num_samples
+        completion_mask, truncated = completion_mask_from_eos(completion_ids, params.stop_token_ids)
+        prompt_ids = prompt_ids.repeat_interleave(g, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(g, dim=0)
+        valid = completion_mask.bool()
+        return cls(
+            input_ids=torch.cat([prompt_ids, completion_ids.to(prompt_ids.dtype)], dim=1),
+            attention_mask=torch.cat([prompt_mask, completion_mask.to(prompt_mask.dtype)], dim=1),
+            completion_mask=completion_mask,
+            truncated=truncated,
+            prompt_length=prompt_ids.shape[1],
+            entropy=None if entropy is None else entropy.float().masked_fill(~valid, 0.0),
+            logprobs=None if logprobs is None else logprobs.float().masked_fill(~valid, 0.0),
+        )
+
 
 @runtime_checkable
 class RolloutEngine(Protocol):
-    """Anything that turns tokenised prompts into sampled completions (HF generate, vLLM, ...)."""
+    """Anything that turns tokenised prompts into sampled completions (HF generate, vLLM, ...).
+
+    Prompts arrive left-padded (`input_ids`, `attention_mask`: `[prompts, P]`); the rollout has
+    `prompts * params.num_samples` rows, the samples of one prompt consecutive. Randomness comes
+    from the global torch RNG (seeded by `seed_everything`). The model is in eval mode while it
+    generates and back in its former mode afterwards.
+    """
 
     def generate(
-        self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, num_generations: int
+        self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams
     ) -> Rollout: ...
 
 
-class HFGenerateEngine:
-    """Sampling with `transformers`' `generate`: one call for all prompts x samples, KV cache on.
-
-    Args:
-        max_completion_length: new tokens at most per sample.
-        temperature, top_p, top_k: the sampling distribution (`top_k=0` disables it).
-        eos_token_id, pad_token_id: filled in from the tokenizer by the trainer when None.
-    """
-
-    def __init__(
-        self,
-        max_completion_length: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        eos_token_id: int | list[int] | None = None,
-        pad_token_id: int | None = None,
-    ) -> None:
-        if max_completion_length < 1:
-            raise ValueError(f"max_completion_length must be >= 1, got {max_completion_length}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
-        self.max_completion_length = max_completion_length
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.eos_token_id = eos_token_id
-        self.pad_token_id = pad_token_id
-
-    def _config(self, do_sample: bool, num_return_sequences: int) -> GenerationConfig:
-        return GenerationConfig(
-            do_sample=do_sample,
-            max_new_tokens=self.max_completion_length,
-            temperature=self.temperature if do_sample else None,
-            top_p=self.top_p if do_sample else None,
-            top_k=self.top_k if do_sample else None,
-            num_return_sequences=num_return_sequences,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-        )
-
-    @torch.no_grad()
-    def generate(
-        self,
-        model: torch.nn.Module,
-        input_ids: Tensor,
-        attention_mask: Tensor,
-        num_generations: int,
-        *,
-        do_sample: bool = True,
-    ) -> Rollout:
-        was_training = model.training
-        model.eval()
-        try:
-            sequences = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                generation_config=self._config(do_sample, num_generations),
-            )
-        finally:
-            model.train(was_training)
-        prompt_length = input_ids.shape[1]
-        prompt_mask = attention_mask.repeat_interleave(num_generations, dim=0)
-        completion_mask, truncated = completion_mask_from_eos(sequences[:, prompt_length:], self.eos_token_id)
-        return Rollout(
-            input_ids=sequences,
-            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
-            completion_mask=completion_mask,
-            truncated=truncated,
-            prompt_length=prompt_length,
-        )
-
-
-def completion_mask_from_eos(completion_ids: Tensor, eos_token_id: int | list[int]) -> tuple[Tensor, Tensor]:
-    """Mask of the tokens up to and including the first EOS, and whether no EOS was produced."""
-    eos_ids = torch.as_tensor(eos_token_id, device=completion_ids.device).reshape(-1)
+def completion_mask_from_eos(
+    completion_ids: Tensor, eos_token_id: int | Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """Mask of the tokens up to and including the first stop token, and whether none was produced."""
+    eos_ids = torch.as_tensor(eos_token_id, dtype=completion_ids.dtype, device=completion_ids.device).reshape(
+        -1
+    )
     is_eos = torch.isin(completion_ids, eos_ids)
     seen_before = is_eos.long().cumsum(dim=1) - is_eos.long()
     mask = (seen_before == 0).long()
     truncated = ~is_eos.any(dim=1)
     return mask, truncated
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Dropout off while sampling (the loss scores the deterministic policy); the former mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,309 @@
+"""Generation benchmark: `transformers.generate` vs egspo's SharedPrefillEngine, side by side in one process.
+
+Both engines (and, with `--device cuda`, `transformers`' continuous batching) sample the same
+left-padded prompts of varied lengths with the same sampling parameters from the same
+random-weight model; torch is reseeded before every call; the engines alternate (ABBA order) over
+the repeats, after one untimed warm-up each. Completion lengths vary as a trained policy's do: a
+forward hook adds a bias to the EOS logit, set so that a sample stops at each step with
+probability `--stop-prob` (about geometric lengths; a share of samples reaches the length limit).
+Each engine draws its own samples (the engines consume the RNG differently), so throughput is
+counted in completion tokens (up to and including EOS) per second. Reported: tokens/s per engine
+(median over repeats), the ratio to HF generate of each interleaved pair (median and range), the
+mean completion length and the truncated share, and the load average before and after (these
+machines are shared: ratios measured side by side are what to quote).
+
+    python scripts/bench_generation.py                          # CPU: 16 prompts x 8 samples, 256 tokens
+    python scripts/bench_generation.py --quick                  # smoke run (seconds)
+    python scripts/bench_generation.py --profile                # where the time goes, per engine
+    python scripts/bench_generation.py --device cuda --shape Qwen2.5-0.5B --dtype bfloat16
+    python scripts/bench_generation.py --output BENCHMARKS.md   # append the table to BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import GPU_SHAPES, TINY_QWEN2  # the model shapes of the other benchmarks
+
+from egspo.rollout import (
+    ContinuousBatchingEngine,
+    HFGenerateEngine,
+    RolloutEngine,
+    SamplingParams,
+    SharedPrefillEngine,
+)
+
+SHAPES = {"tiny": {**TINY_QWEN2, "vocab_size": 512}, **GPU_SHAPES}
+EOS, PAD = 2, 0
+ENGINE_NAMES = {
+    "hf": "HF generate (`HFGenerateEngine`)",
+    "shared": "`SharedPrefillEngine`",
+    "cb": "continuous batching (`ContinuousBatchingEngine`)",
+}
+
+
+@dataclass
+class Timings:
+    """Per engine: one entry per timed repeat."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    mean_length: list[float] = field(default_factory=list)
+    truncated: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> list[float]:
+        return [n / s for n, s in zip(self.tokens, self.seconds, strict=True)]
+
+
+def build_model(shape: dict, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """A random-weight causal LM (seed 0) of the given shape."""
+    kwargs = dict(shape)
+    model_type = kwargs.pop("model_type")
+    config = AutoConfig.for_model(model_type, **kwargs, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=None)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+
+
+def make_prompts(
+    count: int, min_len: int, max_len: int, vocab: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of lengths uniform in [min_len, max_len], left-padded; no EOS or PAD inside."""
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(min_len, max_len + 1, (count,), generator=g)
+    width = int(lengths.max())
+    ids = torch.randint(3, vocab, (count, width), generator=g)
+    mask = (torch.arange(width)[None] >= width - lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, PAD).to(device), mask.to(device)
+
+
+def bias_eos(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, stop_prob: float) -> float:
+    """Add to the EOS logit the bias that makes P(EOS) about `stop_prob` at each step; returns it.
+
+    Calibrated on the prompts' last positions: bias = log(p / (1 - p)) + mean logsumexp of the
+    other logits - mean EOS logit.
+    """
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, -1].float()
+    others = torch.cat([logits[:, :EOS], logits[:, EOS + 1 :]], dim=1).logsumexp(-1)
+    bias = float(torch.tensor(stop_prob / (1 - stop_prob)).log() + (others - logits[:, EOS]).mean())
+    head = model.get_output_embeddings()
+
+    def add_bias(_module, _inputs, output):
+        output[..., EOS] += bias
+        return output
+
+    head.register_forward_hook(add_bias)
+    return bias
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(
+    engine: RolloutEngine, model, prompts, params: SamplingParams, device: str, seed: int, out: Timings | None
+):
+    torch.manual_seed(seed)
+    sync(device)
+    start = time.perf_counter()
+    rollout = engine.generate(model, *prompts, params)
+    sync(device)
+    seconds = time.perf_counter() - start
+    if out is not None:
+        lengths = rollout.completion_mask.sum(1).float()
+        out.seconds.append(seconds)
+        out.tokens.append(int(lengths.sum()))
+        out.mean_length.append(float(lengths.mean()))
+        out.truncated.append(float(rollout.truncated.float().mean()))
+    return seconds
+
+
+def profile(engines: dict[str, RolloutEngine], model, prompts, params: SamplingParams, device: str) -> None:
+    """cProfile (Python view) and torch.profiler (operator view) of one call of each engine."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    for name, engine in engines.items():
+        profiler = cProfile.Profile()
+        torch.manual_seed(0)
+        profiler.enable()
+        engine.generate(model, *prompts, params)
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(15)
+        print(f"\n===== {name}: cProfile, top 15 by own time =====\n{text.getvalue()}")
+        torch.manual_seed(0)
+        with torch_profile(activities=activities) as prof:
+            engine.generate(model, *prompts, params)
+            sync(device)
+        sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+        print(f"===== {name}: torch.profiler, top 15 operators =====")
+        print(prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
+def versions() -> str:
+    def version(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return f"Python {platform.python_version()}; torch {version('torch')}, transformers {version('transformers')}"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def report(args, results: dict[str, Timings], bias: float, loads: tuple[float, float]) -> str:
+    command = "python scripts/bench_generation.py " + " ".join(sys.argv[1:])
+    shape = SHAPES[args.shape]
+    threads = f", {torch.get_num_threads()} intra-op thread(s)" if args.device == "cpu" else ""
+    lines = [
+        f"## Generation: SharedPrefillEngine vs HF generate ({args.device}, {args.shape}, {args.dtype})",
+        "",
+        f"From `{command}` on {device_name(args.device)}, {os.cpu_count()} cores{threads}; load average "
+        f"{loads[0]:.1f} before, {loads[1]:.1f} after (shared machine); {versions()}; "
+        f"{datetime.date.today().isoformat()}.",
+        "",
+        f"Random-weight model {json.dumps(shape)}; {args.prompts} prompts (lengths {args.min_prompt}-"
+        f"{args.max_prompt} tokens, left-padded) x {args.samples} samples, max_new_tokens={args.max_new_tokens}, "
+        f"temperature {args.temperature}, no top-k/top-p; EOS logit biased by {bias:+.2f} for a stop "
+        f"probability of about {args.stop_prob} per token; {args.repeats} interleaved repeats (ABBA) after "
+        "one warm-up per engine, torch reseeded before every call.",
+        "",
+        "| engine | completion tokens/s (median) | s per call (median) | mean completion length | truncated |",
+        "|---|---|---|---|---|",
+    ]
+    for key, t in results.items():
+        lines.append(
+            f"| {ENGINE_NAMES[key]} | {statistics.median(t.tokens_per_s):.0f} | "
+            f"{statistics.median(t.seconds):.2f} | {statistics.mean(t.mean_length):.1f} | "
+            f"{statistics.mean(t.truncated):.0%} |"
+        )
+    base = results["hf"].tokens_per_s
+    ratios = {
+        key: [a / b for a, b in zip(t.tokens_per_s, base, strict=True)]
+        for key, t in results.items()
+        if key != "hf"
+    }
+    for key, pairs in ratios.items():
+        lines.append(
+            f"| **{ENGINE_NAMES[key]} / HF generate** | **{statistics.median(pairs):.2f}x** "
+            f"(pairs {min(pairs):.2f} to {max(pairs):.2f}: {', '.join(f'{p:.2f}' for p in pairs)}) | | | |"
+        )
+    lines += [
+        "",
+        "Target (CPU, 256 new tokens, 8 samples per prompt, varied lengths): SharedPrefillEngine at least "
+        f"1.5x HF generate. Measured here: {statistics.median(ratios['shared']):.2f}x.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--samples", type=int, default=8, help="samples per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--min-prompt", type=int, default=24, help="shortest prompt, tokens")
+    parser.add_argument("--max-prompt", type=int, default=128, help="longest prompt, tokens")
+    parser.add_argument(
+        "--stop-prob", type=float, default=0.01, help="per-token EOS probability to calibrate"
+    )
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--repeats", type=int, default=6, help="timed calls per engine, interleaved")
+    parser.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (0: torch default)")
+    parser.add_argument("--engines", default=None, help="comma-separated subset of hf,shared,cb")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats: a smoke run")
+    parser.add_argument("--profile", action="store_true", help="profile one call per engine, then stop")
+    parser.add_argument("--output", default=None, help="append the markdown section to this file")
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.samples, args.max_new_tokens, args.repeats = 4, 4, 48, 2
+        args.min_prompt, args.max_prompt, args.stop_prob = 8, 32, 0.04
+    if args.device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    keys = (args.engines or ("hf,shared,cb" if args.device == "cuda" else "hf,shared")).split(",")
+    engines: dict[str, RolloutEngine] = {
+        "hf": HFGenerateEngine(),
+        "shared": SharedPrefillEngine(),
+        "cb": ContinuousBatchingEngine(),
+    }
+    engines = {k: engines[k] for k in keys}
+    if "hf" not in engines or "shared" not in engines:
+        parser.error("--engines must include hf and shared (the ratio is shared / hf)")
+
+    loads = [os.getloadavg()[0]]
+    model = build_model(SHAPES[args.shape], getattr(torch, args.dtype), args.device)
+    prompts = make_prompts(
+        args.prompts, args.min_prompt, args.max_prompt, model.config.vocab_size, args.device
+    )
+    bias = bias_eos(model, *prompts, args.stop_prob)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens,
+        num_samples=args.samples,
+        temperature=args.temperature,
+        stop_token_ids=(EOS,),
+        pad_token_id=PAD,
+    )
+    if args.profile:
+        profile(engines, model, prompts, params, args.device)
+        return
+    results = {key: Timings() for key in engines}
+    for key, engine in engines.items():  # warm-up: first-call costs (allocator, lazy imports) untimed
+        print(
+            f"warm-up {key}: {run_once(engine, model, prompts, params, args.device, 0, None):.2f} s",
+            file=sys.stderr,
+        )
+    for r in range(args.repeats):
+        order = list(engines) if r % 2 == 0 else list(engines)[::-1]
+        for key in order:
+            seconds = run_once(engines[key], model, prompts, params, args.device, 100 + r, results[key])
+            t = results[key]
+            print(
+                f"repeat {r} {key}: {seconds:.2f} s, {t.tokens[-1]} tokens, {t.tokens_per_s[-1]:.0f} tok/s, "
+                f"mean length {t.mean_length[-1]:.1f}",
+                file=sys.stderr,
+            )
+    loads.append(os.getloadavg()[0])
+    text = report(args, results, bias, tuple(loads))
+    print(text)
+    if args.output:
+        path = Path(args.output)
+        old = path.read_text() if path.exists() else ""
+        path.write_text(old.rstrip("\n") + "\n\n" + text + "\n")
+
+
+if __name__ == "__main__":
+    main()
