@@ -203,11 +203,9 @@ def interleaved(cases: list[tuple[str, dict]], repeats: int) -> dict[str, list[d
 
 # --------------------------------------------------------------------------- egspo through its CLI
 def egspo_cli(args: list[str]):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
-    return EGSPOCLI(HybridRLModule, HybridDataModule, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False)
+    return run(args, run=False)
 
 
 def egspo_args(policy: list[str], device: str, root: str, *extra: str) -> list[str]:
@@ -223,8 +221,8 @@ def egspo_args(policy: list[str], device: str, root: str, *extra: str) -> list[s
         "--trainer.enable_progress_bar=false",
         "--trainer.enable_model_summary=false",
         "--trainer.callbacks=[]",
-        "--model.evaluate_at_phase_end=false",
-        "--model.rl_learning_rate=null",
+        "--trainer.limit_val_batches=0",
+        "--model.update.rl_learning_rate=null",
         "--model.optimizer.init_args.weight_decay=0.0",
         *policy,
         *extra,
@@ -242,9 +240,9 @@ def pretrained_policy(path: str) -> list[str]:
 
 def rl_args(setup: RLSetup) -> list[str]:
     return [
-        f"--model.num_generations={setup.num_generations}",
-        f"--model.max_completion_length={setup.max_completion_length}",
-        f"--model.max_prompt_length={setup.max_prompt_length}",
+        f"--model.rollout.num_generations={setup.num_generations}",
+        f"--model.rollout.max_completion_length={setup.max_completion_length}",
+        f"--model.prompt.max_prompt_length={setup.max_prompt_length}",
         f"--model.optimizer.init_args.lr={setup.learning_rate}",
         f"--data.prompts_per_step={setup.prompts_per_step}",
         "--data.expert_per_step=0",
@@ -543,14 +541,14 @@ def worker_overhead(spec: dict) -> dict:
         """Runs before the rollout callback: same weights, prompts and RNG state every iteration."""
 
         def __init__(self) -> None:
-            self.state = self.optim = self.batch = None
+            self.state = self.optim = self.batch = self.experience = None
             self.t0 = 0.0
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if self.state is None:
                 self.state = {k: v.clone() for k, v in pl_module.policy.state_dict().items()}
                 self.optim = trainer.optimizers[0].state_dict()
-                self.batch = {k: list(v) for k, v in batch.items()}
+                self.batch = {k: list(v) for k, v in batch.items() if isinstance(v, list)}
             pl_module.policy.load_state_dict(self.state)
             trainer.optimizers[0].load_state_dict(self.optim)
             batch.update({k: list(v) for k, v in self.batch.items()})
@@ -564,7 +562,8 @@ def worker_overhead(spec: dict) -> dict:
                 return
             name = order[batch_idx]
             times[name].append(elapsed)
-            tokens.append(int(pl_module.last_experience.completion_mask.sum().item()))
+            self.experience = batch["experience"]
+            tokens.append(int(self.experience.completion_mask.sum().item()))
             for key, value in trainer.callback_metrics.items():
                 if key.startswith("time/"):
                     phases[name].setdefault(key, []).append(float(value))
@@ -580,16 +579,16 @@ def worker_overhead(spec: dict) -> dict:
                 root,
                 "--model.sft_iterations=0",
                 f"--model.rl_iterations={len(order)}",
-                f"--model.max_completion_length={spec['max_completion_length']}",
+                f"--model.rollout.max_completion_length={spec['max_completion_length']}",
                 f"--data.prompts_per_step={spec['prompts_per_step']}",
                 "--data.expert_per_step=0",
                 "--data.eval_size=1",
             )
         )
-        cli.trainer.callbacks.insert(0, Alternate())
+        alternate = Alternate()
+        cli.trainer.callbacks.insert(0, alternate)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        module = cli.model
-        micro = _loss_microbench(module, losses, spec["micro_repeats"])
+        micro = _loss_microbench(alternate.experience, losses, spec["micro_repeats"])
     # Every iteration must have produced the same rollout (same tokens), or the comparison is void.
     identical = len(set(tokens)) == 1
     return {
@@ -602,13 +601,12 @@ def worker_overhead(spec: dict) -> dict:
     }
 
 
-def _loss_microbench(module, losses: dict, repeats: int) -> dict:
+def _loss_microbench(exp, losses: dict, repeats: int) -> dict:
     """Gate threshold + loss forward/backward of each loss on the last experience, interleaved."""
     import torch
 
     from egspo.losses import TokenBatch
 
-    exp = module.last_experience
     mask = exp.completion_mask
     entropy = exp.entropy
     logits = torch.randn(mask.shape, dtype=torch.float32) * 0.01
@@ -618,8 +616,7 @@ def _loss_microbench(module, losses: dict, repeats: int) -> dict:
         for name, loss in losses.items():
             logprobs = (old + logits).requires_grad_(True)
             t0 = time.perf_counter()
-            gate = getattr(loss, "gate", None)
-            threshold = gate.threshold(entropy[mask.bool()], torch.ones(int(mask.sum()))) if gate else None
+            threshold = loss.prepare(entropy[mask.bool()])
             batch = TokenBatch(
                 logprobs=logprobs,
                 old_logprobs=logprobs.detach(),

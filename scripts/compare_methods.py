@@ -55,9 +55,9 @@ QUICK_MODEL = (
 QUICK_OVERRIDES = [
     f"--model.policy.config={QUICK_MODEL}",
     "--model.sft_iterations=3",
-    "--model.num_generations=4",
-    "--model.max_completion_length=12",
-    "--model.eval_max_completion_length=12",
+    "--model.rollout.num_generations=4",
+    "--model.rollout.max_completion_length=12",
+    "--model.evaluation.max_completion_length=12",
     "--data.prompts_per_step=2",
     "--data.expert_per_step=4",
     "--data.eval_size=8",
@@ -89,16 +89,11 @@ def warm_up(
     """Train the SFT warm-up in this process; save its policy + tokenizer as a HF folder."""
     import torch
 
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    cli = EGSPOCLI(
-        HybridRLModule,
-        HybridDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
+    cli = run(
         args=[
             "--config",
             str(config),
@@ -113,7 +108,7 @@ def warm_up(
     target = work / "sft" / "policy"
     cli.model.policy.save_pretrained(target)
     cli.model.tokenizer.save_pretrained(target)
-    metrics = _headline_metrics(cli.model.summary_metrics.get("sft", {}))
+    metrics = _headline_metrics(cli.model.summary.phases.get("sft", {}))
     (work / "sft" / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return target, metrics, time.perf_counter() - start
 
@@ -184,7 +179,7 @@ def collect(result: RunResult) -> RunResult:
     result.curves = {
         "reward": scalars.get("reward", {}),
         "entropy": scalars.get("entropy", {}),
-        "accuracy": accuracy,
+        "accuracy": accuracy,  # every run starts from the warm-up: its accuracy is the point at 0
     }
     entropy = [v for _it, v in sorted(result.curves["entropy"].items())]
     final["final_entropy"] = statistics.fmean(entropy[-5:]) if entropy else math.nan
@@ -349,13 +344,15 @@ def config_budget(config: Path, overrides: list[str]) -> dict[str, object]:
     keys = {
         "rl_iterations": "model.rl_iterations",
         "prompts_per_step": "data.prompts_per_step",
-        "num_generations": "model.num_generations",
-        "max_completion_length": "model.max_completion_length",
+        "num_generations": "model.rollout.num_generations",
+        "max_completion_length": "model.rollout.max_completion_length",
     }
     budget: dict[str, object] = {}
     for name, dotted in keys.items():
-        section, key = dotted.split(".")
-        budget[name] = (tree.get(section) or {}).get(key)
+        node = tree
+        for part in dotted.split("."):
+            node = (node or {}).get(part)
+        budget[name] = node
         for override in overrides:
             if override.startswith(f"--{dotted}="):
                 budget[name] = yaml.safe_load(override.split("=", 1)[1])
@@ -382,7 +379,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra CLI override for every run, e.g. --set model.max_completion_length=32",
+        help="extra CLI override for every run, e.g. --set model.rollout.max_completion_length=32",
     )
     return parser.parse_args(argv)
 
@@ -391,12 +388,14 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     overrides = [f"--{o.lstrip('-')}" for o in args.overrides]
     rl_iterations = args.rl_iterations
+    eval_every = args.eval_every
     if args.quick:
         overrides = QUICK_OVERRIDES + overrides
         rl_iterations = rl_iterations or QUICK_RL_ITERATIONS
+        eval_every = rl_iterations
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    eval_overrides = [f"--model.eval_num_samples={args.eval_samples}"]
+    eval_overrides = [f"--model.evaluation.num_samples={args.eval_samples}"]
 
     policy_dir = work / "sft" / "policy"
     metrics_file = work / "sft" / "metrics.json"
@@ -413,7 +412,7 @@ def main(argv: list[str] | None = None) -> Path:
             flush=True,
         )
 
-    rl_overrides = [*overrides, *eval_overrides, f"--model.eval_every_n_iterations={args.eval_every}"]
+    rl_overrides = [*overrides, *eval_overrides, f"--trainer.val_check_interval={eval_every}"]
     if rl_iterations is not None:
         rl_overrides.append(f"--model.rl_iterations={rl_iterations}")
     jobs = []

@@ -74,15 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
-    cli = EGSPOCLI(
-        HybridRLModule,
-        HybridDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        save_config_kwargs={"overwrite": True},
+    cli = run(
         run=False,
         args=[
             "--config",
@@ -95,9 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
             "--trainer.callbacks=[{class_path: egspo.callbacks.GateScheduler}]",
             "--model.sft_iterations=0",
             f"--model.rl_iterations={args.iterations}",
-            f"--model.num_generations={args.num_generations}",
-            f"--model.max_completion_length={args.max_completion_length}",
-            "--model.evaluate_at_phase_end=false",
+            f"--model.rollout.num_generations={args.num_generations}",
+            f"--model.rollout.max_completion_length={args.max_completion_length}",
+            "--trainer.limit_val_batches=0",
             f"--data.prompts_per_step={args.prompts_per_step}",
         ],
     )

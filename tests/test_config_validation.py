@@ -40,13 +40,17 @@ def _fit_error(capsys, *args: str) -> str:
     ("args", "message"),
     [
         (
-            ["--model.mini_batch_size=6", "--model.num_generations=4", "--data.prompts_per_step=4"],
-            "error: model.mini_batch_size=6 does not divide data.prompts_per_step (4) x "
-            "model.num_generations (4) = 16\n",
+            [
+                "--model.update.mini_batch_size=6",
+                "--model.rollout.num_generations=4",
+                "--data.prompts_per_step=4",
+            ],
+            "error: model.update.mini_batch_size=6 does not divide data.prompts_per_step (4) x "
+            "model.rollout.num_generations (4) = 16\n",
         ),
         (
-            ["--model.num_generations=1"],
-            "error: model.num_generations=1: group-relative advantages need at least 2 samples per prompt\n",
+            ["--model.rollout.num_generations=1"],
+            "error: model.rollout.num_generations=1: group-relative advantages need at least 2 samples per prompt\n",
         ),
         (
             ["--model.policy_loss.init_args.gate.value=1.5"],
@@ -74,8 +78,10 @@ def test_invalid_option_is_one_line_naming_it(capsys, no_model, args, message):
 
 
 def test_every_problem_is_reported_at_once(capsys, no_model):
-    err = _fit_error(capsys, "--model.num_generations=1", "--model.policy_loss.init_args.gate.value=2")
-    assert "model.num_generations=1" in err and "gate.value=2" in err
+    err = _fit_error(
+        capsys, "--model.rollout.num_generations=1", "--model.policy_loss.init_args.gate.value=2"
+    )
+    assert "model.rollout.num_generations=1" in err and "gate.value=2" in err
     assert err.count("error:") == 2
 
 
@@ -97,7 +103,7 @@ def test_unknown_loss_class_is_rejected_by_the_parser(capsys, no_model):
 
 def test_hub_dataset_ids_are_not_mistaken_for_missing_files():
     config = {
-        "model": {"num_generations": 4, "rl_iterations": 1},
+        "model": {"rollout": {"num_generations": 4}, "rl_iterations": 1},
         "data": {"prompts": {"path": "openai/gsm8k"}},
     }
     assert validate_fit_config(config) == []

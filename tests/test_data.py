@@ -180,7 +180,7 @@ def test_format_prompt_plain(tiny_tokenizer):
 
 def make_synthetic_dm(**kwargs) -> HybridDataModule:
     task = SyntheticArithmetic(seed=1, train_size=300, test_size=50)
-    defaults = dict(synthetic=task, num_iterations=40, prompts_per_step=4, expert_per_step=3, seed=7)
+    defaults = dict(synthetic=task, rl_iterations=40, prompts_per_step=4, expert_per_step=3, seed=7)
     return HybridDataModule(**{**defaults, **kwargs})
 
 
@@ -221,17 +221,22 @@ def test_ranks_are_disjoint_and_epochs_sample_without_replacement():
     assert set(next_epoch) <= {e.prompt for e in SyntheticArithmetic(seed=1, train_size=300).generate()}
 
 
-def test_train_dataloader_starts_at_start_iteration():
-    dm = make_synthetic_dm()
-    full = list(dm.train_dataloader())
-    assert len(full) == 40
-    dm.start_iteration = 25
-    resumed = list(dm.train_dataloader())
-    assert resumed == full[25:]
-    assert isinstance(dm.train_dataloader().sampler, torch.utils.data.DistributedSampler)
+def test_phase_batches_resume_after_the_last_consumed_batch():
+    dm = make_synthetic_dm(sft_iterations=10, rl_iterations=30)
+    assert dm.phases == [("sft", 0, 10), ("rl", 10, 40)]
+    loader = dm.train_dataloader()  # no trainer: the first epoch, the warm-up
+    full = list(loader)
+    assert len(loader) == 10 and [b["iteration"] for b in full] == list(range(10))
+    assert {b["phase"] for b in full} == {"sft"}
+    # Lightning fetches ahead: only what reached the step counts as done.
+    loader.consumed(3)
+    resumed = dm.train_dataloader()
+    resumed.load_state_dict(loader.state_dict())
+    assert list(resumed) == full[4:]
+    assert len(resumed) == 10  # the phase's length, for Lightning's batch count
 
 
-def test_lightning_fit_sees_every_iteration_once():
+def test_lightning_fit_runs_each_phase_as_an_epoch_and_sees_every_iteration_once():
     class Recorder(L.LightningModule):
         def __init__(self):
             super().__init__()
@@ -245,17 +250,29 @@ def test_lightning_fit_sees_every_iteration_once():
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    dm = make_synthetic_dm(num_iterations=6)
-    dm.start_iteration = 2
+    dm = make_synthetic_dm(sft_iterations=2, rl_iterations=4)
     module = Recorder()
     trainer = L.Trainer(
-        max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        max_epochs=2, reload_dataloaders_every_n_epochs=1, accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
     dm.rank = None  # rank now comes from the trainer
-    expected = [dm.train_dataset()[i] for i in range(2, 6)]
-    assert module.seen == expected
+    dataset = dm.train_dataset()
+    assert [b["iteration"] for b in module.seen] == list(range(6))
+    assert [b["phase"] for b in module.seen] == ["sft"] * 2 + ["rl"] * 4
+    assert [b["prompts"] for b in module.seen] == [dataset[i]["prompts"] for i in range(6)]
+
+
+def test_eval_shards_cover_every_example_once_with_equal_lengths():
+    from egspo.data.datamodule import EvalShard
+
+    examples = make_synthetic_dm().synthetic.generate(7, split="test")
+    shards = [EvalShard(examples, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    real = [s[i][0] for s in shards for i in range(len(s)) if not s[i][1]]
+    assert sorted(e.prompt for e in real) == sorted(e.prompt for e in examples)
+    assert sum(s[i][1] for s in shards for i in range(len(s))) == 2  # padding, flagged
 
 
 def test_validation_loaders():
@@ -264,7 +281,7 @@ def test_validation_loaders():
     assert dm.eval_set_names == ["synthetic"]
     first = list(loaders[0])
     assert [len(b["prompts"]) for b in first] == [16, 16, 8]
-    assert set(first[0]) == {"prompts", "answers"}
+    assert set(first[0]) == {"prompts", "answers", "padding"}
 
 
 def test_real_data_module(gsm8k_train_path, gsm8k_test_path, math500_path):
@@ -272,7 +289,7 @@ def test_real_data_module(gsm8k_train_path, gsm8k_test_path, math500_path):
         expert=DataSource(str(gsm8k_train_path)),
         prompts=DataSource(str(gsm8k_train_path.parent), split="train"),
         eval_sets={"gsm8k": DataSource(str(gsm8k_test_path)), "math500": DataSource(str(math500_path))},
-        num_iterations=5, prompts_per_step=2, expert_per_step=2, eval_size=100, eval_batch_size=32,
+        rl_iterations=5, prompts_per_step=2, expert_per_step=2, eval_size=100, eval_batch_size=32,
     )  # fmt: skip
     assert dm.eval_set_names == ["gsm8k", "math500"]
     assert [sum(len(b["prompts"]) for b in dl) for dl in dm.val_dataloader()] == [100, 100]

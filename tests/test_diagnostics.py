@@ -102,19 +102,14 @@ def test_png_is_written(tiny_tokenizer, tmp_path):
 
 @pytest.mark.slow
 def test_callback_writes_pages_every_n_rl_iterations(tmp_path):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
     tiny = tiny_qwen2_json(max_position_embeddings=512)
     callbacks = (
         '[{"class_path": "egspo.callbacks.EntropyDiagnostics",'
         ' "init_args": {"every_n_iterations": 2, "num_examples": 2, "png": false}}]'
     )
-    cli = EGSPOCLI(
-        HybridRLModule,
-        HybridDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
+    cli = run(
         args=[
             "--config",
             str(ROOT / "configs" / "demo.yaml"),
@@ -126,9 +121,9 @@ def test_callback_writes_pages_every_n_rl_iterations(tmp_path):
             f"--model.policy.config={tiny}",
             "--model.sft_iterations=1",
             "--model.rl_iterations=3",
-            "--model.num_generations=2",
-            "--model.max_completion_length=6",
-            "--model.evaluate_at_phase_end=false",
+            "--model.rollout.num_generations=2",
+            "--model.rollout.max_completion_length=6",
+            "--trainer.limit_val_batches=0",
             "--data.prompts_per_step=2",
             "--data.expert_per_step=2",
         ],
@@ -139,6 +134,6 @@ def test_callback_writes_pages_every_n_rl_iterations(tmp_path):
     # RL iterations 1 and 3 of 3, i.e. iterations 2 and 4 (the `iteration` metric)
     assert pages == ["iter_0002.html", "iter_0004.html"]
     page = (Path(cli.trainer.log_dir) / "diagnostics" / "iter_0004.html").read_text()
-    threshold = float(cli.model.last_rl_metrics["gate_threshold"])
+    threshold = float(cli.trainer.logged_metrics["rl/gate_threshold"])
     assert f"&tau; = {threshold:.3f}" in page  # the threshold the loss used in that iteration
     assert "RL iteration 3/3 (iteration 4)" in page

@@ -33,6 +33,8 @@ import pytest
 import torch
 from tiny_model import tiny_qwen2
 
+from egspo.losses import EGSPOLoss, LossOutput
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_qwen2(tie_word_embeddings=True)
 PROMPTS_PER_RANK = 2
@@ -60,43 +62,63 @@ class LengthReward:
         pass
 
 
+class NaNOnRank(EGSPOLoss):
+    """EGSPO whose loss is NaN on one rank in the first iteration: every rank must skip that update."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__(loss_agg_mode="seq-mean-token-mean")
+        self.rank, self.calls = rank, 0
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        self.calls += 1
+        if _rank() == self.rank and self.calls == 1:
+            return LossOutput(loss=out.loss * float("nan"), metrics=out.metrics)
+        return out
+
+
 class RecordingEngine:
-    """Samples with the module's engine and saves each call's completions of this rank."""
+    """Samples with the module's engine and saves each call's completions and entropies of this rank."""
 
     def __init__(self, inner, out: Path) -> None:
         self.inner, self.out, self.calls = inner, out, 0
 
-    def generate(self, model, input_ids, attention_mask, num_generations, **kwargs):
-        rollout = self.inner.generate(model, input_ids, attention_mask, num_generations, **kwargs)
-        torch.save(rollout.completion_ids.cpu(), self.out / f"rollout_it{self.calls}_rank{_rank()}.pt")
+    def generate(self, model, input_ids, attention_mask, params):
+        rollout = self.inner.generate(model, input_ids, attention_mask, params)
+        recorded = {"completions": rollout.completion_ids.cpu(), "entropy": rollout.entropy.cpu()}
+        torch.save(recorded, self.out / f"rollout_it{self.calls}_rank{_rank()}.pt")
         self.calls += 1
         return rollout
 
 
 class ReplayEngine:
-    """Returns recorded completions (of one rank, or of several concatenated) after the prompts."""
+    """Returns recorded completions and entropies (of one rank, or of several concatenated)."""
 
-    def __init__(self, source: Path, ranks: list[int] | None, pad_token_id: int, eos_token_id: int) -> None:
+    def __init__(self, source: Path, ranks: list[int] | None) -> None:
         self.source, self.ranks, self.calls = source, ranks, 0
-        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
 
-    def generate(self, model, input_ids, attention_mask, num_generations, **kwargs):
+    def generate(self, model, input_ids, attention_mask, params):
         from egspo.rollout import Rollout, completion_mask_from_eos
 
         ranks = self.ranks if self.ranks is not None else [_rank()]
         parts = [torch.load(self.source / f"rollout_it{self.calls}_rank{r}.pt") for r in ranks]
-        width = max(p.shape[1] for p in parts)
-        parts = [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=self.pad_token_id) for p in parts]
-        completions = torch.cat(parts).to(input_ids.device)
+        width = max(p["completions"].shape[1] for p in parts)
+
+        def padded(key: str, value: float) -> torch.Tensor:
+            pads = [torch.nn.functional.pad(p[key], (0, width - p[key].shape[1]), value=value) for p in parts]
+            return torch.cat(pads).to(input_ids.device)
+
+        completions = padded("completions", params.pad_token_id)
         self.calls += 1
-        mask, truncated = completion_mask_from_eos(completions, self.eos_token_id)
-        prompt_mask = attention_mask.repeat_interleave(num_generations, dim=0)
+        mask, truncated = completion_mask_from_eos(completions, list(params.stop_token_ids))
+        prompt_mask = attention_mask.repeat_interleave(params.num_samples, dim=0)
         return Rollout(
-            input_ids=torch.cat([input_ids.repeat_interleave(num_generations, dim=0), completions], dim=1),
+            input_ids=torch.cat([input_ids.repeat_interleave(params.num_samples, dim=0), completions], dim=1),
             attention_mask=torch.cat([prompt_mask, mask], dim=1),
             completion_mask=mask,
             truncated=truncated,
             prompt_length=input_ids.shape[1],
+            entropy=padded("entropy", 0.0) * mask,
         )
 
 
@@ -108,37 +130,41 @@ def train(args: argparse.Namespace) -> None:
     from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     from egspo.cli import TRAINER_DEFAULTS
+    from egspo.config import PromptConfig, RolloutConfig, UpdateConfig
     from egspo.data import HybridDataModule
     from egspo.data.synthetic import SyntheticArithmetic
     from egspo.distributed import full_state_dict, is_sharded
-    from egspo.losses import EGSPOLoss
     from egspo.model import PolicyConfig
-    from egspo.module import HybridRLModule
+    from egspo.module import EXPERIENCE, HybridRLModule
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(0)
+    loss = (
+        NaNOnRank(args.nan_rank)
+        if args.nan_rank is not None
+        else EGSPOLoss(loss_agg_mode="seq-mean-token-mean")
+    )
+    rollout = RolloutConfig(num_generations=GENERATIONS, max_completion_length=8)
+    if args.replay:
+        ranks = None if args.devices > 1 else list(range(args.replay_ranks))
+        rollout.engine = ReplayEngine(Path(args.replay), ranks)
+    else:
+        rollout.engine = RecordingEngine(rollout.engine, out)
     module = HybridRLModule(
         policy=PolicyConfig(config=TINY, tokenizer="synthetic"),
-        policy_loss=EGSPOLoss(loss_agg_mode="seq-mean-token-mean"),
+        policy_loss=loss,
         reward=LengthReward(),
         sft_iterations=0,
         rl_iterations=RL_ITERATIONS,
-        num_generations=GENERATIONS,
-        max_prompt_length=64,
-        max_completion_length=8,
+        prompt=PromptConfig(max_prompt_length=64),
+        rollout=rollout,
+        update=UpdateConfig(max_grad_norm=1.0),
         optimizer=partial(torch.optim.SGD, lr=0.5),
-        evaluate_at_phase_end=False,
     )
-    tok = module.tokenizer
-    if args.replay:
-        ranks = None if args.devices > 1 else list(range(args.replay_ranks))
-        module.engine = ReplayEngine(Path(args.replay), ranks, tok.pad_token_id, tok.eos_token_id)
-    else:
-        module.engine = RecordingEngine(module.engine, out)
     data = HybridDataModule(
         synthetic=SyntheticArithmetic(seed=0, train_size=64, test_size=8),
-        num_iterations=RL_ITERATIONS,
+        rl_iterations=RL_ITERATIONS,
         prompts_per_step=args.prompts,
         expert_per_step=0,
         seed=0,
@@ -149,15 +175,16 @@ def train(args: argparse.Namespace) -> None:
             self.rows: list[dict] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            exp = pl_module.last_experience
+            exp = batch[EXPERIENCE]
             metrics = trainer.callback_metrics
             self.rows.append(
                 {
                     "loss": float(metrics["train/rl_loss"]),
-                    "threshold": float(metrics["rl/gate_threshold"]),
+                    "threshold": float(outputs["gate_threshold"]),
                     "reward": float(metrics["reward"]),
                     "entropy": exp.entropy[exp.completion_mask.bool()].tolist(),
                     "sharded": is_sharded(pl_module.policy),
+                    "skipped": pl_module.update.skipped_updates,
                 }
             )
 
@@ -178,6 +205,8 @@ def train(args: argparse.Namespace) -> None:
     }[args.strategy]()
     trainer = Trainer(
         **TRAINER_DEFAULTS,
+        max_epochs=1,  # one phase: RL
+        limit_val_batches=0,
         accelerator="cpu",
         devices=args.devices,
         strategy=strategy,
@@ -193,9 +222,18 @@ def train(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- the tests
-def _launch(out: Path, strategy: str, devices: int, prompts: int, replay: Path | None = None) -> float:
+def _launch(
+    out: Path,
+    strategy: str,
+    devices: int,
+    prompts: int,
+    replay: Path | None = None,
+    nan_rank: int | None = None,
+) -> float:
     cmd = [sys.executable, __file__, "--out", str(out), "--strategy", strategy]
     cmd += ["--devices", str(devices), "--prompts", str(prompts)]
+    if nan_rank is not None:
+        cmd += ["--nan-rank", str(nan_rank)]
     if replay is not None:
         cmd += ["--replay", str(replay), "--replay-ranks", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -276,6 +314,15 @@ def test_gate_threshold_is_the_quantile_of_all_ranks_tokens(runs, strategy):
 
 
 @pytest.mark.distributed
+def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path):
+    _launch(tmp_path, "ddp", 2, PROMPTS_PER_RANK, nan_rank=1)
+    rows = [_records(tmp_path, 0), _records(tmp_path, 1)]
+    # Rank 1's NaN in the first iteration skipped that update on rank 0 too: no rank waits or drifts.
+    assert [r["skipped"] for r in rows[0]] == [r["skipped"] for r in rows[1]] == [1, 1]
+    _assert_same_weights(_weights(tmp_path, 0), _weights(tmp_path, 1), atol=0)
+
+
+@pytest.mark.distributed
 def test_export_reads_a_sharded_fsdp_checkpoint(runs, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -293,14 +340,9 @@ def test_export_reads_a_sharded_fsdp_checkpoint(runs, tmp_path):
 def test_fsdp_multinode_config_selects_model_parallel_with_bf16_compute():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
-    cli = EGSPOCLI(
-        HybridRLModule,
-        HybridDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
+    cli = run(
         args=[
             "--config",
             str(ROOT / "configs/fsdp_multinode.yaml"),
@@ -325,6 +367,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--prompts", type=int, default=PROMPTS_PER_RANK)
     parser.add_argument("--replay", default=None)
     parser.add_argument("--replay-ranks", type=int, default=2)
+    parser.add_argument("--nan-rank", type=int, default=None)
     return parser.parse_args(argv)
 
 

@@ -16,9 +16,7 @@ pytestmark = pytest.mark.slow
 
 
 def fit(tmp_path: Path, *extra: str):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
     args = [
         "--config",
@@ -28,15 +26,15 @@ def fit(tmp_path: Path, *extra: str):
         "--trainer.enable_model_summary=false",
         "--model.sft_iterations=2",
         "--model.rl_iterations=1",
-        "--model.num_generations=4",
-        "--model.max_completion_length=8",
-        "--model.evaluate_at_phase_end=false",
+        "--model.rollout.num_generations=4",
+        "--model.rollout.max_completion_length=8",
+        "--trainer.limit_val_batches=0",
         "--data.prompts_per_step=2",
         "--data.expert_per_step=4",
         "--data.eval_size=4",
         *extra,
     ]
-    cli = EGSPOCLI(HybridRLModule, HybridDataModule, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False)
+    cli = run(args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return cli
 
@@ -82,12 +80,13 @@ def test_exported_model_generates_like_the_trained_policy(tmp_path, lora):
     exported = AutoModelForCausalLM.from_pretrained(out)
     assert not any("lora" in name for name, _ in exported.named_parameters())
     tokenizer = AutoTokenizer.from_pretrained(out)
-    texts = module.format_prompts(QUESTIONS)
+    texts = [module.encoder.format(q) for q in QUESTIONS]
     assert (
         tokenizer(texts, add_special_tokens=False)["input_ids"]
         == (module.tokenizer(texts, add_special_tokens=False)["input_ids"])
     )
-    ids, mask, _ = module.encode_prompts(QUESTIONS)
+    prompts = module.encoder.prompts(QUESTIONS)
+    ids, mask = prompts.input_ids, prompts.attention_mask
     pad, eos = module.tokenizer.pad_token_id, module.tokenizer.eos_token_id
     expected = greedy(module.policy, ids, mask, pad, eos)
     assert torch.equal(greedy(exported, ids, mask, pad, eos), expected)

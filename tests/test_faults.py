@@ -17,11 +17,11 @@ import torch
 from lightning.pytorch import Callback
 from tiny_model import tiny_qwen2_json
 
-from egspo.callbacks.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from egspo.data.records import DataError, DataSource
 from egspo.losses import EGSPOLoss, LossOutput, TokenBatch
-from egspo.module import NonFiniteLossError
 from egspo.rewards import MathReward
+from egspo.run_state import AtomicCheckpointIO, atomic_torch_save
+from egspo.update import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
@@ -32,7 +32,7 @@ TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 SAVER = textwrap.dedent(
     """
     import sys, torch
-    from egspo.callbacks.checkpointing import AtomicCheckpointIO
+    from egspo.run_state import AtomicCheckpointIO
     io, path = AtomicCheckpointIO(), sys.argv[1]
     for version in range(1, 10**6):
         io.save_checkpoint({"version": version, "weights": torch.full((2_000_000,), float(version))}, path)
@@ -111,14 +111,9 @@ class StepWatcher(Callback):
 
 
 def _tiny_cli(tmp_path: Path, *extra: str):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
-    return EGSPOCLI(
-        HybridRLModule,
-        HybridDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
+    return run(
         run=False,
         args=[
             "--config",
@@ -131,9 +126,9 @@ def _tiny_cli(tmp_path: Path, *extra: str):
             "--trainer.callbacks=[{class_path: egspo.callbacks.GateScheduler}]",
             f"--model.policy.config={TINY_MODEL}",
             "--model.sft_iterations=0",
-            "--model.num_generations=4",
-            "--model.max_completion_length=8",
-            "--model.evaluate_at_phase_end=false",
+            "--model.rollout.num_generations=4",
+            "--model.rollout.max_completion_length=8",
+            "--trainer.limit_val_batches=0",
             "--model.reward.init_args.num_workers=1",
             "--data.prompts_per_step=2",
             *extra,
@@ -142,14 +137,12 @@ def _tiny_cli(tmp_path: Path, *extra: str):
 
 
 def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
-    cli = _tiny_cli(tmp_path, "--model.rl_iterations=8", "--model.max_nonfinite_updates=2")
+    cli = _tiny_cli(tmp_path, "--model.rl_iterations=8", "--model.update.max_nonfinite_updates=2")
     faults = {1: "loss", 3: "grad", 5: "loss", 6: "grad"}
     cli.model.policy_loss = NaNOnCalls(faults, gate=cli.model.policy_loss.gate)
     watcher = StepWatcher()
     cli.trainer.callbacks.append(watcher)
-    with pytest.raises(
-        NonFiniteLossError, match=r"2 updates in a row .*max_nonfinite_updates=2.*iteration 6"
-    ):
+    with pytest.raises(NonFiniteLossError, match=r"2 updates in a row .*max_nonfinite_updates=2"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     # iteration 6 raised before its end; 0..5 finished, the faulty ones without an update
     assert [row[0] for row in watcher.rows] == [1, 0, 1, 0, 1, 0]  # optimizer steps
@@ -198,8 +191,8 @@ def test_a_batch_of_attacks_scores_zero_in_bounded_time_and_honest_answers_still
 
 
 def test_prompts_over_max_length_are_warned_and_counted(tmp_path):
-    cli = _tiny_cli(tmp_path, "--model.rl_iterations=2", "--model.max_prompt_length=8")
-    with pytest.warns(UserWarning, match=r"2 of 2 prompts exceed max_prompt_length=8"):
+    cli = _tiny_cli(tmp_path, "--model.rl_iterations=2", "--model.prompt.max_prompt_length=8")
+    with pytest.warns(UserWarning, match=r"2 of 2 prompts exceed model.prompt.max_prompt_length=8"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     metrics = cli.trainer.logged_metrics
     assert float(metrics["data/prompts_over_length"]) == 2
@@ -211,7 +204,7 @@ def test_empty_split_is_an_error_naming_the_file(tmp_path):
 
     empty = tmp_path / "train.jsonl"
     empty.write_text("\n")
-    dm = HybridDataModule(prompts=DataSource(path=str(empty)), expert_per_step=0, num_iterations=2)
+    dm = HybridDataModule(prompts=DataSource(path=str(empty)), expert_per_step=0, rl_iterations=2)
     with pytest.raises(DataError, match=f"{empty}.*no records"):
         dm.setup("fit")
 

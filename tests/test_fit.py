@@ -26,24 +26,15 @@ def tiny_args(tmp_path: Path, *configs: str, sft: int = 2, rl: int = 2) -> list[
         "--trainer.enable_model_summary=false",
         f"--model.sft_iterations={sft}",
         f"--model.rl_iterations={rl}",
-        "--model.num_generations=4",
-        "--model.max_completion_length=12",
-        "--model.eval_max_completion_length=12",
+        "--model.rollout.num_generations=4",
+        "--model.rollout.max_completion_length=12",
     ]
 
 
 def _fit(tmp_path: Path, *configs: str, extra: tuple[str, ...] = (), sft: int = 2, rl: int = 2):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
-    cli = EGSPOCLI(
-        HybridRLModule,
-        HybridDataModule,
-        trainer_defaults=TRAINER_DEFAULTS,
-        args=tiny_args(tmp_path, *configs, sft=sft, rl=rl)[1:] + list(extra),
-        run=False,
-    )
+    cli = run(tiny_args(tmp_path, *configs, sft=sft, rl=rl) + list(extra), run=False)
     cli.model.configure_model()
     before = {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -67,7 +58,7 @@ def test_fit_every_method_switches_phase_and_learns(tmp_path, method):
     for key in ("train/sft_loss", "train/rl_loss", "reward", "entropy"):
         assert key in metrics, key
         assert torch.isfinite(metrics[key]), key
-    assert set(module.summary) == {"sft", "rl"}
+    assert set(module.summary.phases) == {"sft", "rl"}
     if method == "egspo":  # the demo's GateScheduler ramps the quantile to 0.8 by the last RL iteration
         assert module.policy_loss.gate.value == pytest.approx(0.8)
     after = module.policy.state_dict()
@@ -83,10 +74,8 @@ def test_fit_every_method_switches_phase_and_learns(tmp_path, method):
 
 
 def test_method_overlay_selects_its_loss(tmp_path):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.losses import CEGPPOLoss, ChordPhiLoss, EGSPOLoss, ESPOLoss, PPOClipLoss
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
+    from egspo.losses import CEGPPOLoss, ChordPhiLoss, EGSPOLoss, ESPOLoss, NLLLoss, PPOClipLoss
 
     expected = {
         "grpo": (PPOClipLoss, 0.2, 0.0),
@@ -97,51 +86,12 @@ def test_method_overlay_selects_its_loss(tmp_path):
         "egspo": (EGSPOLoss, 0.2, 0.0),
     }
     for method, (cls, clip_high, mu) in expected.items():
-        cli = EGSPOCLI(
-            HybridRLModule,
-            HybridDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
-            args=tiny_args(tmp_path, "configs/demo.yaml", f"configs/method/{method}.yaml")[1:],
-            run=False,
-        )
+        cli = run(tiny_args(tmp_path, "configs/demo.yaml", f"configs/method/{method}.yaml"), run=False)
         loss = cli.model.policy_loss
         assert type(loss) is cls, method
         if clip_high is not None:
             assert loss.clip_high == clip_high, method
         assert cli.model.mu(0) == mu, method
-        assert isinstance(cli.model.sft_loss, ChordPhiLoss) == (method == "chord_phi")
-
-
-def test_qwen_math_config_runs_with_a_tiny_local_model(
-    tmp_path, gsm8k_train_path, gsm8k_test_path, math500_path
-):
-    cli, _before = _fit(
-        tmp_path,
-        "configs/qwen_math.yaml",
-        sft=1,
-        rl=1,
-        extra=(
-            "--model.policy.name_or_path=null",
-            f"--model.policy.config={TINY_MODEL}",
-            "--model.policy.tokenizer=synthetic",
-            "--model.policy.dtype=float32",
-            "--model.policy.gradient_checkpointing=false",
-            "--model.mini_batch_size=null",
-            "--model.sft_batch_size=null",
-            "--model.reward.init_args.num_workers=1",
-            f"--data.expert.path={gsm8k_train_path}",
-            "--data.expert.subset=null",
-            f"--data.prompts.path={gsm8k_train_path}",
-            "--data.prompts.subset=null",
-            f"--data.eval_sets={{'gsm8k': {{'path': '{gsm8k_test_path}', 'layout': 'gsm8k'}}, 'math500': {{'path': '{math500_path}', 'layout': 'auto'}}}}",
-            "--data.prompts_per_step=2",
-            "--data.expert_per_step=2",
-            "--data.eval_size=4",
-            "--data.eval_batch_size=4",
-            "--trainer.callbacks=[]",
-        ),
-    )
-    module = cli.model
-    assert module.iteration == 2
-    assert set(module.summary["rl"]) == {"gsm8k", "math500"}
-    assert torch.isfinite(cli.trainer.logged_metrics["train/rl_loss"])
+        # The CHORD overlay changes the loss mixed into RL, never the warm-up's.
+        assert isinstance(cli.model.update.mix_loss, ChordPhiLoss) == (method == "chord_phi")
+        assert type(cli.model.update.warmup_loss) is NLLLoss

@@ -7,7 +7,8 @@ import pytest
 import torch
 from tiny_model import tiny_qwen2
 
-from egspo.model import LoRAConfig, PolicyConfig, load_policy, load_tokenizer
+from egspo.model import LoRAConfig, PolicyConfig, adapters_disabled, load_policy, load_tokenizer
+from egspo.scoring import token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_qwen2()
@@ -16,11 +17,10 @@ SMALL = [
     "--trainer.precision=32-true",
     "--trainer.enable_progress_bar=false",
     "--trainer.enable_model_summary=false",
-    "--model.num_generations=4",
-    "--model.max_completion_length=8",
-    "--model.eval_max_completion_length=8",
-    "--model.mini_batch_size=null",
-    "--model.sft_batch_size=null",
+    "--model.rollout.num_generations=4",
+    "--model.rollout.max_completion_length=8",
+    "--model.update.mini_batch_size=null",
+    "--model.update.sft_batch_size=null",
     "--model.policy.dtype=float32",
     "--model.policy.gradient_checkpointing=false",
     "--model.policy.lora={'r': 4, 'alpha': 8}",
@@ -45,13 +45,11 @@ def base_dir(tmp_path_factory) -> Path:
 
 
 def fit(tmp_path: Path, config: str, *extra: str, sft: int = 1, rl: int = 2):
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
     args = ["--config", str(ROOT / config), f"--trainer.default_root_dir={tmp_path}", *SMALL]
     args += [f"--model.sft_iterations={sft}", f"--model.rl_iterations={rl}", *extra]
-    cli = EGSPOCLI(HybridRLModule, HybridDataModule, trainer_defaults=TRAINER_DEFAULTS, args=args, run=False)
+    cli = run(args, run=False)
     cli.model.configure_model()
     before = {k: v.detach().clone() for k, v in cli.model.policy.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -75,13 +73,13 @@ def test_reference_is_the_base_with_adapters_disabled_not_a_copy():
         if "lora_B" in name:
             p.data.normal_(0, 0.5)
     with torch.no_grad():
-        trained = module.score(ids, mask, score_mask)[0]
-        with module.reference_context():
-            reference = module.score(ids, mask, score_mask)[0]
+        trained = token_logprobs(module.policy, ids, mask, score_mask).logprobs
+        with adapters_disabled(module.policy):
+            reference = token_logprobs(module.policy, ids, mask, score_mask).logprobs
         for name, p in module.policy.named_parameters():
             if "lora_B" in name:
                 p.data.zero_()
-        base = module.score(ids, mask, score_mask)[0]
+        base = token_logprobs(module.policy, ids, mask, score_mask).logprobs
     assert not torch.allclose(trained, reference, atol=1e-4)
     torch.testing.assert_close(reference, base, rtol=0, atol=1e-6)
 
@@ -101,7 +99,7 @@ def test_lora_fit_with_kl_saves_peft_adapters(tmp_path, base_dir):
     )
     module = cli.model
     metrics = cli.trainer.logged_metrics
-    assert module.needs_reference() and module.last_experience.ref_logprobs is not None
+    assert module.experience_builder.reference is not None  # adapters disabled: the KL reference
     assert torch.isfinite(metrics["rl/kl"]) and float(metrics["rl/kl"]) > 0  # adapters moved away
     after = module.policy.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -112,7 +110,8 @@ def test_lora_fit_with_kl_saves_peft_adapters(tmp_path, base_dir):
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapters" / "iteration=3" / "adapter_model.safetensors").is_file()
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), final)
-    ids, attn, _ = module.encode_prompts(["What is 3 + 4?", "What is 12 - 5?"])
+    prompts = module.encoder.prompts(["What is 3 + 4?", "What is 12 - 5?"])
+    ids, attn = prompts.input_ids, prompts.attention_mask
     with torch.no_grad():
         module.policy.eval()
         expected = module.policy(input_ids=ids, attention_mask=attn).logits
@@ -120,42 +119,11 @@ def test_lora_fit_with_kl_saves_peft_adapters(tmp_path, base_dir):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.slow
-def test_qlora_config_trains_4bit_on_cpu(tmp_path, base_dir, gsm8k_train_path, gsm8k_test_path):
-    """4-bit base + LoRA + KL, through rollouts (eval mode) and updates, with the QLoRA config."""
-    cli, before = fit(
-        tmp_path,
-        "configs/qwen_math_qlora.yaml",
-        f"--model.policy.name_or_path={base_dir}",
-        "--model.reward.init_args.num_workers=1",
-        f"--data.expert.path={gsm8k_train_path}",
-        "--data.expert.subset=null",
-        f"--data.prompts.path={gsm8k_train_path}",
-        "--data.prompts.subset=null",
-        f"--data.eval_sets={{'gsm8k': {{'path': '{gsm8k_test_path}', 'layout': 'gsm8k'}}}}",
-        "--trainer.callbacks=[]",
-    )
-    module = cli.model
-    assert module.iteration == 3
-    assert any(type(m).__name__ == "Linear4bit" for m in module.policy.modules())
-    metrics = cli.trainer.logged_metrics
-    for key in ("train/sft_loss", "train/rl_loss", "rl/kl"):
-        assert torch.isfinite(metrics[key]), key
-    after = module.policy.state_dict()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
-    assert changed and all("lora_" in k for k in changed)
-
-
 def test_lora_config_selects_adapters_and_a_base_reference():
-    from egspo.cli import EGSPOCLI, TRAINER_DEFAULTS
-    from egspo.data import HybridDataModule
-    from egspo.module import HybridRLModule
+    from egspo.cli import run
 
     for config, four_bit in (("configs/qwen_math_lora.yaml", False), ("configs/qwen_math_qlora.yaml", True)):
-        cli = EGSPOCLI(
-            HybridRLModule,
-            HybridDataModule,
-            trainer_defaults=TRAINER_DEFAULTS,
+        cli = run(
             args=[
                 "--config",
                 str(ROOT / config),

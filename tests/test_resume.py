@@ -38,7 +38,7 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         index = pl_module.iteration - 1
-        rl_index = index - pl_module.hparams.sft_iterations
+        rl_index = index - pl_module.sft_iterations
         params = torch.cat([p.detach().flatten() for p in pl_module.policy.parameters()])
         record = {
             "iteration": index,
@@ -48,7 +48,7 @@ class Recorder(Callback):
             "mu": float(pl_module.mu(rl_index)) if rl_index >= 0 else None,
             "gate": float(pl_module.policy_loss.gate.value),
             "prompts": batch["prompts"],
-            "completions": pl_module.last_experience.completions if rl_index >= 0 else None,
+            "completions": batch["experience"].completions if rl_index >= 0 else None,
             "rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest(),
             "checksum": float(params.double().abs().sum()),
         }
@@ -90,12 +90,12 @@ def _args(root: Path, records: Path, *extra_callbacks: dict) -> list[str]:
         f"--model.policy.config={TINY_MODEL}",
         f"--model.sft_iterations={SFT}",
         f"--model.rl_iterations={RL}",
-        "--model.num_generations=4",
-        "--model.max_completion_length=8",
-        "--model.eval_max_completion_length=8",
+        "--model.rollout.num_generations=4",
+        "--model.rollout.max_completion_length=8",
         "--model.reward.init_args.num_workers=1",
         '--model.mu={"class_path": "egspo.schedules.ChordMuSchedule", "init_args": {"peak": 0.5, "warmup_iterations": 2, "decay_iterations": 3}}',
         '--model.lr_scheduler={"class_path": "torch.optim.lr_scheduler.LinearLR", "init_args": {"start_factor": 1.0, "end_factor": 0.2, "total_iters": 6}}',
+        '--model.rl_lr_scheduler={"class_path": "torch.optim.lr_scheduler.LinearLR", "init_args": {"start_factor": 1.0, "end_factor": 0.1, "total_iters": 5}}',
         "--data.prompts_per_step=2",
         "--data.expert_per_step=2",
         "--data.eval_size=4",

@@ -1,21 +1,7 @@
 import torch
 
-from egspo.rollout import Experience, completion_mask_from_eos
-
-
-def test_completion_mask_stops_after_first_eos_and_flags_truncation():
-    eos = 2
-    ids = torch.tensor([[5, 6, 2, 2, 2], [5, 2, 7, 2, 9], [5, 6, 7, 8, 9]])
-    mask, truncated = completion_mask_from_eos(ids, eos)
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert truncated.tolist() == [False, False, True]
-
-
-def test_completion_mask_accepts_several_eos_ids():
-    ids = torch.tensor([[5, 3, 7], [4, 4, 1]])
-    mask, truncated = completion_mask_from_eos(ids, [1, 3])
-    assert mask.tolist() == [[1, 1, 0], [1, 1, 1]]
-    assert truncated.tolist() == [False, False]
+from egspo.rollout import Experience
+from egspo.rollout.experience import pack_rows
 
 
 def _experience(n: int = 8, prompt: int = 3, completion: int = 5) -> Experience:
@@ -72,3 +58,32 @@ def test_minibatch_size_must_divide_batch():
         assert "mini_batch_size=4" in str(err)
     else:
         raise AssertionError("expected a ValueError")
+
+
+def test_pack_rows_respects_the_budget_and_covers_every_row_once():
+    lengths = torch.tensor([7, 3, 9, 2, 2, 5, 8, 1])
+    groups = pack_rows(lengths, 10)
+    rows = sorted(int(r) for g in groups for r in g)
+    assert rows == list(range(8))
+    assert all(int(lengths[g].sum()) <= 10 for g in groups)
+    assert len(groups) == 4  # 37 tokens need at least 4 bins of 10
+    # a row over the budget gets a micro-batch of its own
+    assert [g.tolist() for g in pack_rows(torch.tensor([12, 3]), 10)] == [[0], [1]]
+
+
+def test_microbatches_split_rows_and_keep_them_aligned():
+    exp = _experience(n=8, prompt=3, completion=5)
+    parts = exp.microbatches(max_tokens=16)
+    assert sum(len(p) for p in parts) == len(exp)
+    assert all(int(p.attention_mask.sum()) <= 16 for p in parts)
+    seen = sorted(int(r) for p in parts for r in p.input_ids[:, 0] // exp.input_ids.shape[1])
+    assert seen == list(range(8))
+    assert exp.microbatches(None) == [exp]
+
+
+def test_excluded_rows_carry_no_loss_but_stay_in_the_batch():
+    exp = _experience(n=4)
+    exp.excluded = torch.tensor([False, True, False, True])
+    assert exp.loss_mask[1].sum() == 0 and exp.loss_mask[3].sum() == 0
+    torch.testing.assert_close(exp.loss_mask[0], exp.completion_mask[0])
+    assert len(exp.select(torch.tensor([0, 1]))) == 2

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from egspo.model import DTYPES, unwrap_causal_lm
 
 
 @dataclass
@@ -42,8 +42,8 @@ class FSDPConfig:
     def __post_init__(self) -> None:
         for name in ("param_dtype", "reduce_dtype"):
             value = getattr(self, name)
-            if value is not None and value not in _DTYPES:
-                raise ValueError(f"fsdp.{name}: {value!r} is not one of {sorted(_DTYPES)}")
+            if value is not None and value not in DTYPES:
+                raise ValueError(f"fsdp.{name}: {value!r} is not one of {sorted(DTYPES)}")
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
@@ -81,13 +81,11 @@ def shard_policy(policy: torch.nn.Module, mesh, config: FSDPConfig) -> None:
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    from egspo.model import unwrap_causal_lm
-
     if is_sharded(policy):
         return
     causal_lm = unwrap_causal_lm(policy)
     mp_policy = MixedPrecisionPolicy(
-        param_dtype=_DTYPES.get(config.param_dtype), reduce_dtype=_DTYPES.get(config.reduce_dtype)
+        param_dtype=DTYPES.get(config.param_dtype), reduce_dtype=DTYPES.get(config.reduce_dtype)
     )
     offload = CPUOffloadPolicy() if config.cpu_offload else OffloadPolicy()
     mesh = sharding_mesh(mesh)
@@ -141,3 +139,14 @@ def gather_variable(values: Tensor) -> Tensor:
     gathered = [torch.zeros_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded)
     return torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts, strict=True)])
+
+
+def all_ranks_agree(flag: bool) -> bool:
+    """True only when `flag` is True on every process (a collective when distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())

@@ -1,7 +1,7 @@
 """`python -m egspo export`: a training checkpoint to a standalone Hugging Face model.
 
-The policy is rebuilt from the run's `PolicyConfig` (stored in the checkpoint's hyper-parameters,
-or read from the run's `config.yaml`), the trained weights are loaded into it, LoRA adapters
+The policy is rebuilt from the run's `PolicyConfig` (stored in the checkpoint's egspo state, or
+read from the run's `config.yaml`), the trained weights are loaded into it, LoRA adapters
 are merged into the base weights, and the result is written with `save_pretrained`
 (safetensors) next to the tokenizer, ready for `AutoModelForCausalLM.from_pretrained`.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from egspo.model import _DTYPES, LoRAConfig, PolicyConfig, load_policy, load_tokenizer
+from egspo.model import DTYPES, LoRAConfig, PolicyConfig, load_policy, load_tokenizer
 
 _PREFIX = "policy."
 
@@ -53,12 +53,10 @@ def policy_spec(checkpoint: dict, config: str | Path | None = None) -> PolicyCon
         if raw.get("lora") is not None:
             raw["lora"] = LoRAConfig(**raw["lora"])
         return PolicyConfig(**raw)
-    spec = checkpoint.get("hyper_parameters", {}).get("policy")
-    if isinstance(spec, dict):  # hyper-parameters stored as plain data
-        spec = PolicyConfig(**{**spec, "lora": LoRAConfig(**spec["lora"]) if spec.get("lora") else None})
-    if not isinstance(spec, PolicyConfig):
-        raise ValueError("the checkpoint holds no `policy` hyper-parameter: pass the run's --config")
-    return spec
+    spec = checkpoint.get("egspo", {}).get("policy")
+    if not isinstance(spec, dict):
+        raise ValueError("the checkpoint holds no egspo `policy` settings: pass the run's --config")
+    return PolicyConfig(**{**spec, "lora": LoRAConfig(**spec["lora"]) if spec.get("lora") else None})
 
 
 def export(
@@ -93,9 +91,9 @@ def export(
     if hasattr(policy, "merge_and_unload"):
         policy = policy.merge_and_unload()
     if dtype is not None:
-        if dtype not in _DTYPES:
-            raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(_DTYPES)}")
-        policy = policy.to(_DTYPES[dtype])
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        policy = policy.to(DTYPES[dtype])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     policy.save_pretrained(out, safe_serialization=True)

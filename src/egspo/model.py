@@ -19,11 +19,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from egspo.validation import looks_local
+
 SYNTHETIC_TOKENIZER = "synthetic"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -67,12 +70,14 @@ class PolicyConfig:
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
+        if self.config is not None:  # `--model.policy.config.hidden_size=64` arrives as the string "64"
+            self.config = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in self.config.items()}
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError(
                 "policy: give exactly one of `name_or_path` (pretrained) or `config` (random init)"
             )
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"policy.dtype: {self.dtype!r} is not one of {sorted(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"policy.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.load_in_4bit and self.lora is None:
             raise ValueError("policy.load_in_4bit: 4-bit base weights cannot be trained; add `policy.lora`")
         if self.config is not None and "model_type" not in self.config:
@@ -85,10 +90,6 @@ class PolicyConfig:
 
 class HubUnreachableError(OSError):
     """A hub id was named, it is not cached locally, and the hub cannot be reached."""
-
-
-def _is_local(name: str) -> bool:
-    return Path(name).expanduser().exists()
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -107,7 +108,9 @@ def _offline() -> bool:
 
 def resolve_pretrained(loader, name: str, **kwargs):
     """Call `loader.from_pretrained(name)`, from a local path or cache first, the hub only if it answers."""
-    if _is_local(name):
+    if looks_local(name):
+        if not Path(name).expanduser().exists():
+            raise FileNotFoundError(f"{name}: no such file or folder")
         return loader.from_pretrained(str(Path(name).expanduser()), **kwargs)
     try:
         return loader.from_pretrained(name, local_files_only=True, **kwargs)
@@ -139,7 +142,7 @@ def load_tokenizer(spec: PolicyConfig) -> PreTrainedTokenizerBase:
 
 def load_policy(spec: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Build or load the causal LM described by `spec`, ready to train."""
-    dtype = _DTYPES[spec.dtype]
+    dtype = DTYPES[spec.dtype]
     kwargs = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
     if spec.attn_implementation:
         kwargs["attn_implementation"] = spec.attn_implementation
@@ -159,14 +162,18 @@ def load_policy(spec: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
         if spec.load_in_4bit:
             kwargs["quantization_config"] = _four_bit_config(dtype)
         model = resolve_pretrained(AutoModelForCausalLM, spec.name_or_path, **kwargs)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
 
     if spec.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         _keep_4bit_trainable_on_cpu(model)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=spec.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     elif spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -216,3 +223,23 @@ def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     """The `transformers` model under peft wrappers (its decoder and lm_head are what we call)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def adapters_disabled(policy: torch.nn.Module):
+    """The KL reference policy: the same model with its LoRA adapters switched off (no second copy)."""
+    disable = getattr(policy, "disable_adapter", None)
+    if not callable(disable):
+        raise ValueError(
+            "policy_loss.beta > 0 needs a reference policy: use `policy.lora` (the base model with "
+            "adapters disabled is the reference)"
+        )
+    return disable()
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:
+    """Tokens that end a sample: the tokenizer's EOS and every `eos_token_id` of the model's
+    generation_config (chat models list their end-of-turn token there, e.g. `<|im_end|>`)."""
+    ids = [tokenizer.eos_token_id]
+    configured = getattr(unwrap_causal_lm(model).generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured]
+    return sorted({int(i) for i in ids if i is not None})

@@ -49,6 +49,12 @@ def entropy_color(value: float, vmax: float) -> tuple[int, int, int]:
     return _COLOR_STOPS[-1][1]
 
 
+def _printable(token: str) -> str:
+    """A token as it can be drawn: newlines as an arrow, other control characters escaped."""
+    token = token.replace("\n", _NEWLINE)
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in token)
+
+
 def _spread(indices: list[int], count: int) -> list[int]:
     """Up to `count` of `indices`, evenly spaced (rollouts are grouped by prompt: take several prompts)."""
     if len(indices) <= count:
@@ -75,7 +81,7 @@ def collect_rows(
 
     def row(i: int) -> TokenRow:
         ids = [t for t, m in zip(completion[i], mask[i], strict=True) if m]
-        tokens = [_EOS if t in special else tokenizer.decode([t]).replace("\n", _NEWLINE) for t in ids]
+        tokens = [_EOS if t in special else _printable(tokenizer.decode([t])) for t in ids]
         prompt_ids = experience.input_ids[i, : experience.prompt_length][
             experience.attention_mask[i, : experience.prompt_length].bool()
         ]
@@ -305,13 +311,16 @@ class EntropyDiagnostics(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch: dict, batch_idx: int
     ) -> None:
-        experience = batch.get("experience") if isinstance(batch, dict) else None
+        from egspo.module import EXPERIENCE
+
+        experience = batch.get(EXPERIENCE)
         if experience is None or not trainer.is_global_zero:
             return
         done = pl_module.rl_iteration  # RL iterations completed, counting this one
         if (done - 1) % self.every_n_iterations:
             return
-        self.write(trainer, pl_module, experience, batch.get("prompts"))
+        threshold = (outputs or {}).get("gate_threshold")
+        self.write(trainer, pl_module, experience, batch.get("prompts"), threshold)
 
     def write(
         self,
@@ -319,16 +328,16 @@ class EntropyDiagnostics(Callback):
         pl_module: LightningModule,
         experience: Experience,
         questions: list[str] | None,
+        threshold: float | None = None,
     ) -> Path:
-        """Draw `experience` now; returns the HTML path."""
-        threshold_value = getattr(pl_module, "last_rl_metrics", {}).get("gate_threshold")
-        threshold = float(threshold_value) if threshold_value is not None else None
+        """Draw `experience` now, the tokens at or above `threshold` (the gate's) outlined; returns the HTML path."""
+        threshold = float(threshold) if threshold is not None else None
         mask = experience.completion_mask.bool()
         values = experience.entropy.float()[mask]
         vmax = float(torch.quantile(values, 0.99)) if values.numel() else 1.0
         vmax = max(vmax, threshold * 1.1 if threshold is not None else 0.0, 1e-3)
         correct, incorrect = collect_rows(experience, pl_module.tokenizer, self.num_examples, questions)
-        done, total = pl_module.rl_iteration, pl_module.hparams.rl_iterations
+        done, total = pl_module.rl_iteration, pl_module.rl_iterations
         right = int(experience.correct.sum()) if experience.correct is not None else 0
         title = (
             f"RL iteration {done}/{total} (iteration {pl_module.iteration}) - {right}/{len(experience)} "

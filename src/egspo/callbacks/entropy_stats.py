@@ -26,7 +26,9 @@ class EntropyStatsLogger(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch: dict, batch_idx: int
     ) -> None:
-        experience = batch.get("experience") if isinstance(batch, dict) else None
+        from egspo.module import EXPERIENCE
+
+        experience = batch.get(EXPERIENCE)
         if experience is None or pl_module.rl_iteration % self.every_n_iterations:
             return
         mask = experience.completion_mask.bool()

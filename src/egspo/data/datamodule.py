@@ -1,13 +1,15 @@
 """LightningDataModule for hybrid SFT + RL: expert demonstrations, RL prompts, eval sets.
 
 It yields text, never token ids: the LightningModule owns the tokenizer and the prompt
-format. One training batch per iteration (SFT or RL)::
+format. Each phase (SFT warm-up, RL) is one training epoch, one batch per iteration::
 
-    {"prompts": list[str], "answers": list[str],                 # RL prompts of this rank
+    {"iteration": int, "phase": "sft" | "rl",
+     "prompts": list[str], "answers": list[str],                 # RL prompts of this rank
      "expert_prompts": list[str], "expert_responses": list[str]}  # demonstrations of this rank
 
-Batch ``i`` is a pure function of (seed, i, rank, world_size): a resumed run sets
-``start_iteration`` and continues with exactly the batches it would have seen.
+Batch ``i`` is a pure function of (seed, i, rank, world_size); a resumed run continues with
+exactly the batches it would have seen (`PhaseBatches` is resumable). Eval sets are the
+validation loaders, one per set, run by Lightning after each phase.
 """
 
 from __future__ import annotations
@@ -105,29 +107,77 @@ class IterationDataset(Dataset):
         }
 
 
-class _IterationSampler(DistributedSampler):
-    """Yields iterations ``start .. num_iterations - 1`` in order.
+class PhaseBatches:
+    """The training batches of one phase, one per iteration, resumable where training left off.
 
-    It subclasses DistributedSampler only so that Lightning does not wrap the loader in its
-    own distributed sampler: sharding across ranks already happens inside each batch.
-    Its length is the whole run's: a resumed fit restores Lightning's count of the batches
-    already done in the (single) epoch, and stops when that count reaches the length.
+    Iteration ``i``'s batch is the pure function ``dataset[i]`` plus its ``iteration`` and
+    ``phase``. Its length is the whole phase's: a resumed fit restores Lightning's count of the
+    batches done and stops when that count reaches the length. The state Lightning saves in a
+    checkpoint is the next iteration *to train on*, advanced by `consumed` when a batch reaches
+    the training step (Lightning fetches one batch ahead, so the iterator's own position would
+    be one too far).
     """
 
-    def __init__(self, dataset: IterationDataset, start: int) -> None:
-        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
-        self.start = start
-        self.stop = len(dataset)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(range(self.start, self.stop))
+    def __init__(self, dataset: IterationDataset, phase: str, start: int, stop: int) -> None:
+        self.dataset, self.phase = dataset, phase
+        self.start, self.stop = start, stop
+        self.next_iteration = start
 
     def __len__(self) -> int:
-        return self.stop
+        return self.stop - self.start
+
+    def __iter__(self) -> Iterator[dict]:
+        for iteration in range(max(self.next_iteration, self.start), self.stop):
+            yield {**self.dataset[iteration], "iteration": iteration, "phase": self.phase}
+
+    def consumed(self, iteration: int) -> None:
+        self.next_iteration = iteration + 1
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_iteration": self.next_iteration}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_iteration = int(state["next_iteration"])
 
 
-def _collate_eval(examples: list[Example]) -> dict[str, list[str]]:
-    return {"prompts": [e.prompt for e in examples], "answers": [e.answer for e in examples]}
+class EvalShard(Dataset):
+    """This process's share of an eval set: items ``rank, rank + world, ...``, padded to an equal length.
+
+    Every process then runs the same number of eval batches (sharded models generate in
+    lock-step), and the padding items, copies of real ones flagged ``padding``, are left out of
+    the metrics, so each example is counted exactly once.
+    """
+
+    def __init__(self, examples: list[Example], rank: int = 0, world_size: int = 1) -> None:
+        self.examples = examples
+        per_rank = -(-len(examples) // world_size)
+        self.indices = [rank + world_size * i for i in range(per_rank)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Example, bool]:
+        index = self.indices[i]
+        return self.examples[index % len(self.examples)], index >= len(self.examples)
+
+
+class _InOrder(DistributedSampler):
+    """All of an `EvalShard`, in order. A DistributedSampler only so that Lightning does not
+    replace it with its own, which would shard the already sharded set a second time."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(len(self.dataset)))
+
+
+def _collate_eval(items: list[tuple[Example, bool]]) -> dict[str, list]:
+    return {
+        "prompts": [e.prompt for e, _ in items],
+        "answers": [e.answer for e, _ in items],
+        "padding": [p for _, p in items],
+    }
 
 
 class HybridDataModule(L.LightningDataModule):
@@ -139,14 +189,13 @@ class HybridDataModule(L.LightningDataModule):
         eval_sets: named evaluation sets, one validation dataloader each.
         synthetic: generate the arithmetic task instead; its train split gives both expert
             and prompts, its test split the eval set ``"synthetic"`` (with any ``eval_sets``).
-        num_iterations: total SFT + RL iterations; the train loader yields one batch each.
+        sft_iterations, rl_iterations: the length of each phase (set from the model by the CLI).
         prompts_per_step: RL prompts per iteration and process.
         expert_per_step: expert demonstrations per iteration and process.
         eval_size: keep the first ``eval_size`` records of each eval set.
         eval_batch_size: prompts per validation batch.
         seed: seeds the sampling order (independent of the global seed).
 
-    ``start_iteration`` (set by the trainer on resume) is the first iteration yielded.
     Rank and world size come from the attached trainer, or from ``rank``/``world_size``
     attributes when used without one.
     """
@@ -157,7 +206,8 @@ class HybridDataModule(L.LightningDataModule):
         prompts: DataSource | None = None,
         eval_sets: dict[str, DataSource] | None = None,
         synthetic: SyntheticArithmetic | None = None,
-        num_iterations: int = 100,
+        sft_iterations: int = 0,
+        rl_iterations: int = 100,
         prompts_per_step: int = 8,
         expert_per_step: int = 8,
         eval_size: int | None = None,
@@ -169,8 +219,10 @@ class HybridDataModule(L.LightningDataModule):
             raise ValueError("give either synthetic or expert/prompts data, not both")
         if synthetic is None and expert is None and prompts is None:
             raise ValueError("no training data: give expert and/or prompts, or synthetic")
-        if num_iterations < 1 or prompts_per_step < 0 or expert_per_step < 0:
-            raise ValueError("num_iterations must be >= 1, per-step counts >= 0")
+        if sft_iterations < 0 or rl_iterations < 0 or sft_iterations + rl_iterations < 1:
+            raise ValueError("sft_iterations and rl_iterations must be >= 0, and not both 0")
+        if prompts_per_step < 0 or expert_per_step < 0:
+            raise ValueError("prompts_per_step and expert_per_step must be >= 0")
         if eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
         self.expert_source, self.prompt_source = expert, prompts
@@ -178,16 +230,23 @@ class HybridDataModule(L.LightningDataModule):
         if synthetic is not None and "synthetic" in self.eval_sources:
             raise ValueError("eval set name 'synthetic' is taken by the synthetic task")
         self.synthetic = synthetic
-        self.num_iterations = num_iterations
+        self.sft_iterations, self.rl_iterations = sft_iterations, rl_iterations
         self.prompts_per_step, self.expert_per_step = prompts_per_step, expert_per_step
         self.eval_size, self.eval_batch_size, self.seed = eval_size, eval_batch_size, seed
-        self.start_iteration = 0
+        self._train_batches: PhaseBatches | None = None
         self.rank: int | None = None
         self.world_size: int | None = None
         self.expert_examples: list[Example] = []
         self.prompt_examples: list[Example] = []
         self.eval_examples: dict[str, list[Example]] = {}
         self._loaded = False
+
+    @property
+    def phases(self) -> list[tuple[str, int, int]]:
+        """``(phase, first iteration, end)`` of each non-empty phase, in order: one epoch each."""
+        total = self.sft_iterations + self.rl_iterations
+        bounds = [("sft", 0, self.sft_iterations), ("rl", self.sft_iterations, total)]
+        return [(name, start, stop) for name, start, stop in bounds if stop > start]
 
     @property
     def eval_set_names(self) -> list[str]:
@@ -234,7 +293,7 @@ class HybridDataModule(L.LightningDataModule):
         return IterationDataset(
             self.prompt_examples,
             self.expert_examples,
-            num_iterations=self.num_iterations,
+            num_iterations=self.sft_iterations + self.rl_iterations,
             prompts_per_step=self.prompts_per_step,
             expert_per_step=self.expert_per_step,
             seed=self.seed,
@@ -242,24 +301,35 @@ class HybridDataModule(L.LightningDataModule):
             world_size=world_size,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = self.train_dataset()
-        if not 0 <= self.start_iteration <= self.num_iterations:
-            raise ValueError(f"start_iteration {self.start_iteration} outside [0, {self.num_iterations}]")
-        sampler = _IterationSampler(dataset, self.start_iteration)
-        return DataLoader(dataset, batch_size=None, sampler=sampler, shuffle=False, num_workers=0)
+    def train_dataloader(self) -> PhaseBatches:
+        """The batches of the phase of the current epoch (the trainer reloads it every epoch)."""
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if epoch >= len(self.phases):
+            raise ValueError(f"epoch {epoch}: the run has {len(self.phases)} phases (one epoch each)")
+        phase, start, stop = self.phases[epoch]
+        self._train_batches = PhaseBatches(self.train_dataset(), phase, start, stop)
+        return self._train_batches
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Marks a training batch consumed as it reaches the training step (see `PhaseBatches`)."""
+        if isinstance(batch, dict) and "phase" in batch and self._train_batches is not None:
+            self._train_batches.consumed(batch["iteration"])
+        return batch
 
     def val_dataloader(self) -> list[DataLoader]:
         self.setup("validate")
+        rank, world_size = self._rank_and_world()
+        shards = [EvalShard(self.eval_examples[name], rank, world_size) for name in self.eval_set_names]
         return [
             DataLoader(
-                self.eval_examples[name],
+                shard,
                 batch_size=self.eval_batch_size,
-                shuffle=False,
+                sampler=_InOrder(shard),
                 num_workers=0,
                 collate_fn=_collate_eval,
+                generator=torch.Generator(),  # iterating draws no number from the global RNG
             )
-            for name in self.eval_set_names
+            for shard in shards
         ]
 
     def test_dataloader(self) -> list[DataLoader]:
