@@ -59,6 +59,19 @@ class Evaluator:
             **common,
         )
 
+        self.running: dict[str, EvalMetrics] = {}
+
+    def evaluate_batch(self, policy: torch.nn.Module, eval_set: str, batch: dict, seed: int) -> None:
+        """Answer one eval batch into the running metrics of `eval_set` (see `results`)."""
+        device = next(policy.parameters()).device
+        metrics = self.running.setdefault(eval_set, self.new_metrics(device))
+        self.update(policy, batch["prompts"], batch["answers"], metrics, seed, batch.get("padding"))
+
+    def results(self) -> dict[str, dict[str, float]]:
+        """`{set: {metric: value}}` of the batches since the last call, reduced over processes."""
+        running, self.running = self.running, {}
+        return {name: {k: float(v) for k, v in m.compute().items()} for name, m in running.items()}
+
     def new_metrics(self, device: torch.device | str = "cpu") -> EvalMetrics:
         # Majority voting reads answers the way the reward does (its number fallback included).
         fallback = bool(getattr(self.reward, "number_fallback", False))

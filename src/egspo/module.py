@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -25,20 +25,18 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
-from torch.optim.lr_scheduler import LRScheduler
-from torchmetrics import MeanMetric
 
 from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
 from egspo.distributed import FSDPConfig, gather_variable, shard_policy
 from egspo.evaluation import Evaluator, RunSummary, eval_seed
-from egspo.losses import EGSPOLoss, NLLLoss, PolicyLoss, SFTLoss, masked_mean
+from egspo.losses import EGSPOLoss, NLLLoss, PolicyLoss, SFTLoss
 from egspo.model import PolicyConfig, adapters_disabled, load_policy, load_tokenizer, stop_token_ids
 from egspo.rewards import MathReward, RewardFunction
 from egspo.rollout.builder import ExperienceBuilder, clock
 from egspo.rollout.experience import Experience
-from egspo.run_state import capture_rng_states, restore_rng_states
-from egspo.schedules import ConstantMu, MuSchedule
+from egspo.run_state import capture_rng_states, restore_rng_snapshot, restore_rng_states, rng_snapshot
+from egspo.schedules import ConstantMu, MuSchedule, PhaseLearningRates
 from egspo.update import PolicyUpdate, clip_grad_norm
 
 EXPERIENCE = "experience"
@@ -99,7 +97,6 @@ class HybridRLModule(LightningModule):
         self.reward = reward or MathReward()
         self.fsdp_config = fsdp or FSDPConfig()
         self.optimizer_factory = optimizer
-        self.scheduler_factories = {"sft": lr_scheduler, "rl": rl_lr_scheduler}
         self.automatic_optimization = False
 
         self.tokenizer = load_tokenizer(policy)
@@ -118,16 +115,11 @@ class HybridRLModule(LightningModule):
         self.evaluator: Evaluator | None = None
         self.summary = RunSummary()
         self.iteration = 0  # iterations completed
-        self.lr_scheduler: LRScheduler | None = None
-        self._scheduled_phase: Phase | None = None
-        self._resumed: dict[str, Any] = {}
-        self._rng_before_eval: tuple[Tensor, list[Tensor]] | None = None
-        self._eval_metrics: dict = {}
-        # Step values over all ranks' rollouts, not the first rank's.
-        self.train_reward = MeanMetric(dist_sync_on_step=True)
-        self.train_accuracy = MeanMetric(dist_sync_on_step=True)
-        self.train_length = MeanMetric(dist_sync_on_step=True)
-        self.train_truncated = MeanMetric(dist_sync_on_step=True)
+        self.learning_rates = PhaseLearningRates(
+            lr_scheduler, rl_lr_scheduler, self.update_config.rl_learning_rate
+        )
+        self.rng_to_restore: list | None = None
+        self._rng_before_eval: tuple | None = None
 
     @property
     def policy_loss(self) -> PolicyLoss:
@@ -193,43 +185,25 @@ class HybridRLModule(LightningModule):
         return self.sft_iterations + self.rl_iterations
 
     def on_train_start(self) -> None:
-        if "rng" in self._resumed:  # after the loaders are built: the next batch sees the saved streams
-            restore_rng_states(self._resumed.pop("rng"), self.trainer.global_rank)
-
-    def _start_phase_schedule(self, phase: Phase) -> None:
-        """A phase's learning rate and schedule, at its first step (resumed where a checkpoint left them).
-
-        At a step rather than at the epoch start: Lightning skips `on_train_epoch_start` when it
-        resumes in the middle of an epoch.
-        """
-        optimizer = self.optimizers().optimizer
-        resumed = self._resumed.pop("lr_scheduler", None)
-        starting = resumed is None or resumed["phase"] != phase
-        rl_lr = self.update_config.rl_learning_rate
-        if phase == "rl" and starting and rl_lr is not None:
-            for group in optimizer.param_groups:  # the new base lr of any scheduler built below
-                group["lr"] = group["initial_lr"] = rl_lr
-        factory = self.scheduler_factories[phase]
-        self.lr_scheduler = factory(optimizer) if factory is not None else None
-        if self.lr_scheduler is not None and not starting:
-            self.lr_scheduler.load_state_dict(resumed["state"])
-            for group, lr in zip(optimizer.param_groups, self.lr_scheduler.get_last_lr(), strict=True):
-                group["lr"] = lr
-        self._scheduled_phase = phase
+        if (
+            self.rng_to_restore is not None
+        ):  # after the loaders are built: the next batch sees the saved streams
+            restore_rng_states(self.rng_to_restore, self.trainer.global_rank)
+            self.rng_to_restore = None
 
     # ----------------------------------------------------------------- the step
     def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor | None]:
         """One iteration: SFT steps on demonstrations, or an RL update on the batch's experience."""
         if batch["iteration"] != self.iteration:
             raise RuntimeError(f"batch of iteration {batch['iteration']} at iteration {self.iteration}")
-        if self._scheduled_phase != batch["phase"]:
-            self._start_phase_schedule(batch["phase"])
+        if self.learning_rates.phase != batch["phase"]:  # a phase's first step (also after a resume)
+            self.learning_rates.start(batch["phase"], self.optimizers().optimizer)
         if batch["phase"] == "sft":
             demonstrations = self.encoder.demonstrations(
                 batch["expert_prompts"], batch["expert_responses"], self.device
             )
             steps = self.update.sft_iteration(
-                self.policy, self.optimizers(), demonstrations, self.lr_scheduler
+                self.policy, self.optimizers(), demonstrations, self.learning_rates.scheduler
             )
             self.log("train/sft_loss", _mean(steps, "loss"), prog_bar=True)
             self.log_dict({f"sft/{k}": _mean(steps, k) for k in steps[-1] if k != "loss"})
@@ -263,28 +237,18 @@ class HybridRLModule(LightningModule):
             threshold=threshold,
             mu=mu,
             demonstrations=demonstrations,
-            scheduler=self.lr_scheduler,
+            scheduler=self.learning_rates.scheduler,
         )
         self.log("time/update", clock(self.device) - start)
 
-        self.train_reward(experience.rewards.mean())
-        self.train_accuracy(experience.correct.float().mean())
-        self.train_length(experience.completion_mask.sum(1).float().mean())
-        self.train_truncated(experience.truncated.float().mean())
-        self.log("reward", self.train_reward, prog_bar=True)
-        self.log("train/accuracy", self.train_accuracy)
-        self.log("train/response_length", self.train_length)
-        self.log("train/truncation_rate", self.train_truncated)
-        self.log(
-            "entropy",
-            masked_mean(experience.entropy, experience.completion_mask),
-            prog_bar=True,
-            sync_dist=True,
-        )
+        # Rollout statistics, averaged over ranks (every rank holds as many rollouts).
+        stats = dict(batch.get(ROLLOUT_STATS, {}))
+        for key in ("reward", "entropy"):
+            self.log(key, stats.pop(key), prog_bar=True, sync_dist=True)
+        self.log_dict(stats, sync_dist=True)
         self.log("train/rl_loss", _mean(steps, "loss"))
         self.log("train/mu", mu)
         self.log_dict({f"rl/{k}": _mean(steps, k) for k in steps[-1] if k != "loss"})
-        self.log_dict(batch.get(ROLLOUT_STATS, {}))
         if threshold is not None:
             self.log("rl/gate_threshold", float(threshold))
         return {"gate_threshold": threshold}
@@ -299,59 +263,38 @@ class HybridRLModule(LightningModule):
     # ----------------------------------------------------------------- evaluation
     def on_validation_start(self) -> None:
         # Evaluating mid-fit must not move the training run's random streams.
-        if self.trainer.state.fn == "fit":
-            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
-            self._rng_before_eval = (torch.get_rng_state(), cuda)
+        self._rng_before_eval = rng_snapshot() if self.trainer.state.fn == "fit" else None
 
     def on_validation_end(self) -> None:
         if self._rng_before_eval is not None:
-            cpu, cuda = self._rng_before_eval
-            torch.set_rng_state(cpu)
-            if cuda:
-                torch.cuda.set_rng_state_all(cuda)
-            self._rng_before_eval = None
-
-    def on_validation_epoch_start(self) -> None:
-        self._eval_metrics = {}
-
-    on_test_epoch_start = on_validation_epoch_start
+            restore_rng_snapshot(self._rng_before_eval)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        names = self.trainer.datamodule.eval_set_names
-        metrics = self._eval_metrics.setdefault(
-            names[dataloader_idx], self.evaluator.new_metrics(self.device)
-        )
+        eval_set = self.trainer.datamodule.eval_set_names[dataloader_idx]
         seed = eval_seed(dataloader_idx, batch_idx * self.trainer.world_size + self.trainer.global_rank)
-        self.evaluator.update(
-            self.policy, batch["prompts"], batch["answers"], metrics, seed, batch.get("padding")
-        )
+        self.evaluator.evaluate_batch(self.policy, eval_set, batch, seed)
 
     test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
         results = self._log_eval("val")
-        if self.trainer.state.fn != "fit" or self.iteration not in (
-            self.sft_iterations,
-            self.total_iterations,
-        ):
-            return
-        phase = "sft" if self.iteration == self.sft_iterations else "rl"
-        self.summary.record(phase, results)
-        rank_zero_info(
-            f"held-out accuracy after {phase.upper()} (iteration {self.iteration}): {self.summary.headline(phase):.3f}"
-        )
+        if self.trainer.state.fn == "fit" and self.iteration in (self.sft_iterations, self.total_iterations):
+            phase = "sft" if self.iteration == self.sft_iterations else "rl"
+            self.summary.record(phase, results)
+            rank_zero_info(
+                f"held-out accuracy after {phase} (iteration {self.iteration}): {self.summary.headline(phase):.3f}"
+            )
 
     def on_test_epoch_end(self) -> None:
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
-        """`<stage>/<set>/<metric>` (reduced over ranks by the metrics themselves)."""
-        results = {
-            name: {k: float(v) for k, v in m.compute().items()} for name, m in self._eval_metrics.items()
-        }
-        values = {f"{stage}/{name}/{k}": v for name, metrics in results.items() for k, v in metrics.items()}
-        self.log_dict(values, add_dataloader_idx=False)
-        self._eval_metrics = {}
+        """`<stage>/<set>/<metric>`: greedy accuracy, pass@k, maj@k, length, truncation rate."""
+        results = self.evaluator.results()
+        self.log_dict(
+            {f"{stage}/{n}/{k}": v for n, m in results.items() for k, v in m.items()},
+            add_dataloader_idx=False,
+        )
         return results
 
     def on_fit_end(self) -> None:
@@ -363,37 +306,43 @@ class HybridRLModule(LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Plain types and tensors only: the checkpoint loads with `torch.load(weights_only=True)`.
-        checkpoint["egspo"] = {
-            "iteration": self.iteration,
-            "sft_iterations": self.sft_iterations,
-            "policy": dataclasses.asdict(self.policy_spec),
-            "summary": self.summary.state_dict(),
-            "update": self.update.state_dict(),
-            "policy_loss": {"class": type(self.policy_loss).__name__, "state": self.policy_loss.state_dict()},
-            "prompts_over_length": self.experience_builder.prompts_over_length,
-            "lr_scheduler": None
-            if self.lr_scheduler is None
-            else {"phase": self._scheduled_phase, "state": self.lr_scheduler.state_dict()},
-            "rng": capture_rng_states(),
-        }
+        checkpoint["egspo"] = run_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("egspo")
-        if state is None:
-            raise ValueError(
-                "the checkpoint was not written by egspo (no 'egspo' state): cannot resume from it"
-            )
-        check_resume(checkpoint, self, state)
-        self.iteration = state["iteration"]
-        self.summary.load_state_dict(state["summary"])
-        self.update.load_state_dict(state["update"])
-        if state["policy_loss"]["class"] == type(self.policy_loss).__name__:
-            self.policy_loss.load_state_dict(state["policy_loss"]["state"])
-        self.experience_builder.prompts_over_length = state["prompts_over_length"]
-        self._resumed = {"rng": state["rng"]}
-        if state["lr_scheduler"] is not None:
-            self._resumed["lr_scheduler"] = state["lr_scheduler"]
+        restore_run_state(self, checkpoint)
+
+
+def run_state(module: HybridRLModule) -> dict:
+    """What a resumed run needs beyond weights and optimizer, as plain types and tensors (the
+    checkpoint loads with `torch.load(weights_only=True)`)."""
+    loss = module.policy_loss
+    return {
+        "iteration": module.iteration,
+        "sft_iterations": module.sft_iterations,
+        "policy": dataclasses.asdict(module.policy_spec),
+        "summary": module.summary.state_dict(),
+        "update": module.update.state_dict(),
+        "policy_loss": {"class": type(loss).__name__, "state": loss.state_dict()},
+        "prompts_over_length": module.experience_builder.prompts_over_length,
+        "learning_rates": module.learning_rates.state_dict(),
+        "rng": capture_rng_states(),
+    }
+
+
+def restore_run_state(module: HybridRLModule, checkpoint: dict) -> None:
+    """Put back what `run_state` saved; the RNG streams wait for the training loop to start."""
+    state = checkpoint.get("egspo")
+    if state is None:
+        raise ValueError("the checkpoint was not written by egspo (no 'egspo' state): cannot resume from it")
+    check_resume(checkpoint, module, state)
+    module.iteration = state["iteration"]
+    module.summary.load_state_dict(state["summary"])
+    module.update.load_state_dict(state["update"])
+    if state["policy_loss"]["class"] == type(module.policy_loss).__name__:  # a new loss starts fresh
+        module.policy_loss.load_state_dict(state["policy_loss"]["state"])
+    module.experience_builder.prompts_over_length = state["prompts_over_length"]
+    module.learning_rates.load_state_dict(state["learning_rates"])
+    module.rng_to_restore = state["rng"]
 
 
 def check_resume(checkpoint: dict, module: HybridRLModule, state: dict) -> None:

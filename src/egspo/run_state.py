@@ -132,3 +132,16 @@ def _to_cpu(state: Any) -> Any:
     if isinstance(state, list):
         return [_to_cpu(v) for v in state]
     return state
+
+
+def rng_snapshot() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """This process's torch (and CUDA) RNG state, to put back with `restore_rng_snapshot`."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.get_rng_state(), cuda
+
+
+def restore_rng_snapshot(snapshot: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+    cpu, cuda = snapshot
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)

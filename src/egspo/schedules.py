@@ -1,13 +1,17 @@
-"""Schedules over RL iterations: the SFT-mixing coefficient mu and ramps for gate knobs.
+"""Schedules: the SFT-mixing coefficient mu, ramps for gate knobs, and each phase's learning rate.
 
-Each schedule is a pure function of the RL iteration, so a resumed run recomputes the same
-value from its restored iteration counter.
+mu and the ramps are pure functions of the RL iteration, so a resumed run recomputes the same
+value from its restored iteration counter; the learning-rate schedulers carry their own state.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal, Protocol, runtime_checkable
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
 
 @runtime_checkable
@@ -63,3 +67,53 @@ def ramp(start: float, end: float, progress: float, kind: Literal["linear", "cos
     elif kind != "linear":
         raise ValueError(f"ramp kind must be 'linear' or 'cosine', got {kind!r}")
     return start + (end - start) * progress
+
+
+class PhaseLearningRates:
+    """The learning rate of each phase: the SFT warm-up's schedule, then the RL phase's own.
+
+    A scheduler built on the optimizer at the start of its phase (`start`) and stepped once per
+    optimizer step by the update. At the start of RL, `rl_learning_rate` becomes every group's
+    lr *and* `initial_lr`, the base any scheduler multiplies, so no LambdaLR (transformers'
+    `get_*_schedule_with_warmup` included) brings the warm-up's rate back. A resumed run
+    rebuilds the scheduler of its phase and loads its state.
+
+    Args:
+        sft, rl: build the warm-up's and the RL phase's scheduler from the optimizer (None: constant).
+        rl_learning_rate: the RL phase's base rate (None: carry on from the warm-up's).
+    """
+
+    def __init__(
+        self,
+        sft: Callable[[Optimizer], LRScheduler] | None = None,
+        rl: Callable[[Optimizer], LRScheduler] | None = None,
+        rl_learning_rate: float | None = None,
+    ) -> None:
+        self.factories = {"sft": sft, "rl": rl}
+        self.rl_learning_rate = rl_learning_rate
+        self.phase: str | None = None
+        self.scheduler: LRScheduler | None = None
+        self._resumed: dict | None = None
+
+    def start(self, phase: str, optimizer: Optimizer) -> None:
+        """Set up `phase`'s rate and scheduler (from the resumed state when it belongs to this phase)."""
+        resumed, self._resumed = self._resumed, None
+        starting = resumed is None or resumed["phase"] != phase
+        if phase == "rl" and starting and self.rl_learning_rate is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] = self.rl_learning_rate
+        factory = self.factories[phase]
+        self.scheduler = factory(optimizer) if factory is not None else None
+        if self.scheduler is not None and not starting:
+            self.scheduler.load_state_dict(resumed["scheduler"])
+            for group, lr in zip(optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+                group["lr"] = lr
+        self.phase = phase
+
+    def state_dict(self) -> dict | None:
+        if self.scheduler is None:
+            return None
+        return {"phase": self.phase, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self._resumed = state

@@ -42,11 +42,12 @@ pays several times).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from .logit_head import LogitHead, tempered_logits
 
 # Rows of one fp32 logit block processed together by the elementwise passes on CPU: tens of MB, so
 # that max, exp, sum and the entropy dot product re-read the block from cache, not from memory.
@@ -68,34 +69,6 @@ class TokenScores(NamedTuple):
     polarity: Tensor | None = None
 
 
-@dataclass(frozen=True)
-class _Head:
-    """How a block of raw lm_head outputs becomes tempered logits: ``s = post * tanh(pre * r)`` or ``pre * r``.
-
-    ``pre`` is folded into the hidden states before the matmul (fp32/fp64) and ``bias`` is the lm_head
-    bias already multiplied by ``pre``; ``mult = a / T`` is the derivative of ``s`` wrt ``r`` up to the
-    soft-cap factor ``k = 1 - (s / post)^2``.
-    """
-
-    pre: float
-    bias: Tensor | None
-    post: float | None
-    mult: float
-
-    @staticmethod
-    def make(
-        bias: Tensor | None, acc: torch.dtype, scale: float, softcap: float | None, inv_t: float
-    ) -> _Head:
-        pre = scale / softcap if softcap is not None else scale * inv_t
-        post = softcap * inv_t if softcap is not None else None
-        scaled_bias = None if bias is None else bias.to(acc) * pre
-        return _Head(pre=pre, bias=scaled_bias, post=post, mult=scale * inv_t)
-
-    def cap_slope(self, s: Tensor) -> Tensor:
-        """``k = 1 - tanh^2``, computed in place from tempered logits ``s`` (``s`` is overwritten)."""
-        return s.mul_(1.0 / self.post).square_().neg_().add_(1.0)
-
-
 def default_chunk_size(vocab: int) -> int:
     """Rows per chunk such that one fp32 ``[rows, vocab]`` block takes about 256 MB (multiple of 64)."""
     return max(64, _CHUNK_BYTES // (4 * vocab) // 64 * 64)
@@ -112,26 +85,6 @@ def _block_rows(device: torch.device, rows: int, vocab: int) -> int:
     return max(1, min(rows, _CPU_BLOCK_BYTES // (4 * vocab)))
 
 
-def _tempered_logits(h: Tensor, weight: Tensor, head: _Head, out: Tensor, low: Tensor | None) -> Tensor:
-    """Write the tempered logits ``s`` of the rows ``h`` into ``out`` (a view of the fp32/fp64 chunk buffer).
-
-    fp32/fp64 inputs: ``pre`` is folded into the small ``h`` so the matmul writes scaled values. Lower
-    precision: the matmul runs in the input dtype into ``low``, then is upcast and scaled.
-    """
-    if low is None:
-        torch.mm(h * head.pre if head.pre != 1.0 else h, weight.t(), out=out)
-    else:
-        torch.mm(h, weight.t(), out=low)
-        out.copy_(low)
-        if head.pre != 1.0:
-            out.mul_(head.pre)
-    if head.bias is not None:
-        out.add_(head.bias)
-    if head.post is not None:
-        out.tanh_().mul_(head.post)
-    return out
-
-
 def _buffers(hidden: Tensor, rows: int, vocab: int) -> tuple[Tensor, Tensor | None]:
     buf = torch.empty(rows, vocab, dtype=_acc_dtype(hidden.dtype), device=hidden.device)
     low = None
@@ -144,7 +97,7 @@ def _forward(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    head: _Head,
+    head: LogitHead,
     chunk_size: int,
     grad_dir: bool,
     with_polarity: bool,
@@ -175,7 +128,7 @@ def _forward(
     for start in range(0, n, rows):
         stop = min(start + rows, n)
         c = stop - start
-        s = _tempered_logits(hidden[start:stop], weight, head, buf[:c], None if low is None else low[:c])
+        s = tempered_logits(hidden[start:stop], weight, head, buf[:c], None if low is None else low[:c])
         tgt = targets[start:stop]
         sum_exp = torch.empty(c, dtype=acc, device=dev)
         dot = torch.empty(c, dtype=acc, device=dev)
@@ -245,7 +198,7 @@ class _FusedLogprobsEntropy(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         eager = need_h and not need_w and not need_b
-        head = _Head.make(bias, _acc_dtype(hidden.dtype), scale, softcap, inv_t)
+        head = LogitHead.make(bias, _acc_dtype(hidden.dtype), scale, softcap, inv_t)
         logprobs, entropy, polarity, lse, direction = _forward(
             hidden, weight, targets, head, chunk_size, eager, with_polarity
         )
@@ -270,7 +223,7 @@ class _FusedLogprobsEntropy(torch.autograd.Function):
             grad_h = (direction * grad_logprobs.to(direction.dtype).unsqueeze(1)).to(ctx.hidden_dtype)
             return grad_h, None, None, *unused
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        head = _Head.make(bias, lse.dtype, *ctx.head_args)
+        head = LogitHead.make(bias, lse.dtype, *ctx.head_args)
         with torch.autocast(hidden.device.type, enabled=False):
             grads = _backward(
                 hidden,
@@ -292,7 +245,7 @@ def _backward(
     targets: Tensor,
     lse: Tensor,
     grad: Tensor,
-    head: _Head,
+    head: LogitHead,
     chunk_size: int,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
@@ -314,7 +267,7 @@ def _backward(
         h = hidden[start:stop]
         tgt = targets[start:stop]
         low_c = None if low is None else low[:c]
-        p = _tempered_logits(h, weight, head, buf[:c], low_c)
+        p = tempered_logits(h, weight, head, buf[:c], low_c)
         k_tgt: Tensor | float = 1.0
         if slope is not None:
             k_tgt = head.cap_slope(p.gather(1, tgt.unsqueeze(1)).squeeze(1))
@@ -423,7 +376,7 @@ def fused_logprobs_entropy(
             return TokenScores(
                 *_FusedLogprobsEntropy.apply(hidden, weight, bias, targets, *args, chunk_size, with_polarity)
             )
-        head = _Head.make(bias, _acc_dtype(hidden.dtype), *args)
+        head = LogitHead.make(bias, _acc_dtype(hidden.dtype), *args)
         logprobs, entropy, polarity, _, _ = _forward(
             hidden, weight, targets, head, chunk_size, False, with_polarity
         )

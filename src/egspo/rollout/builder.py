@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from egspo.advantages import group_advantages
+from egspo.losses import masked_mean
 from egspo.rewards import RewardFunction, RewardOutput
 from egspo.rollout.engine import Rollout, SamplingParams
 from egspo.rollout.experience import Experience
@@ -114,8 +115,14 @@ class ExperienceBuilder:
             completions=completions,
         )
         stats = {k: float(v) for k, v in rewarded.metrics.items()}
+        lengths = experience.completion_mask.sum(1)
         stats.update(
             {
+                "reward": float(rewards.mean()),
+                "entropy": float(masked_mean(experience.entropy, experience.completion_mask)),
+                "train/accuracy": float(experience.correct.float().mean()),
+                "train/response_length": float(lengths.float().mean()),
+                "train/truncation_rate": float(experience.truncated.float().mean()),
                 "data/prompts_over_length": float(prompts.over_length),
                 "data/prompts_over_length_total": float(self.prompts_over_length),
                 "time/generation": t1 - t0,
