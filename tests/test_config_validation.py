@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+# egspo.cli is imported here, not in a test: Lightning's log handler binds to the stderr of the
+# moment it is imported, and a test's captured stderr is closed once that test ends.
+from egspo.cli import main
 from egspo.validation import validate_fit_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,8 +29,6 @@ def no_model(monkeypatch):
 
 
 def _fit_error(capsys, *args: str) -> str:
-    from egspo.cli import main
-
     start = time.perf_counter()
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(ROOT / "configs/demo.yaml"), *args])

@@ -108,28 +108,28 @@ def test_limit(tmp_path):
 def test_malformed_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "a", "answer": "1"}\n\n{"prompt": "b", "answer": \n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:line 3: malformed JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON \(Expecting value, column 26\)$"):
         load_examples(str(path))
 
 
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = write_jsonl(tmp_path / "miss.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
-    with pytest.raises(DataError, match=r"miss\.jsonl:line 2: missing field 'answer'"):
+    with pytest.raises(DataError, match=r"miss\.jsonl:2: answer: missing$"):
         load_examples(str(path))
     path = write_jsonl(
         tmp_path / "gsm.jsonl", [{"question": "a", "answer": "x\n#### 1"}, {"question": "b", "answer": "2"}]
     )
-    with pytest.raises(DataError, match=r"gsm\.jsonl:line 2: field 'answer' has no '#### <answer>' line"):
+    with pytest.raises(DataError, match=r"gsm\.jsonl:2: answer: no '#### <answer>' line"):
         load_examples(str(path))
     path = write_jsonl(tmp_path / "math.jsonl", [{"problem": "a", "solution": "no answer"}])
-    with pytest.raises(DataError, match=r"math\.jsonl:line 1: no final answer"):
+    with pytest.raises(DataError, match=r"math\.jsonl:1: answer: missing, and solution: no \\boxed\{\}"):
         load_examples(str(path))
     path = write_jsonl(tmp_path / "type.jsonl", [{"prompt": ["a"], "answer": "1"}])
-    with pytest.raises(DataError, match=r"type\.jsonl:line 1: field 'prompt' must be a string"):
+    with pytest.raises(DataError, match=r"type\.jsonl:1: prompt: must be a string, got list$"):
         load_examples(str(path))
     path = tmp_path / "arr.json"
     path.write_text(json.dumps([{"prompt": "a", "answer": "1"}, {"prompt": "b", "answer": ""}]))
-    with pytest.raises(DataError, match=r"arr\.json:record 2: field 'answer' \(answer\) is empty"):
+    with pytest.raises(DataError, match=r"arr\.json: record 2: answer: empty$"):
         load_examples(str(path))
 
 
@@ -342,3 +342,100 @@ def test_jsonargparse_builds_datamodule_from_config():
     )
     assert dm.eval_sources["gsm8k"] == DataSource("/data/gsm8k", split="test", fields={"prompt": "question"})
     assert dm.eval_set_names == ["synthetic", "gsm8k"]
+
+
+# --- gold audit at data load ---------------------------------------------------------------------
+
+# A set-builder gold (math-verify cannot parse it: never paid), a relation whose parse merges N and
+# n into one symbol (lossy: paid only for its own text), and golds the reward verifies in full.
+AUDIT_GOLDS = ["2", "\\{x \\mid x > 0\\}", "N = n", "x > 3", "\\frac{1}{2}"]
+SET_BUILDER, RELATION = 1, 2
+
+
+def _audited(tmp_path, mode: str, trainer=None) -> HybridDataModule:
+    rows = [{"prompt": f"question {i}", "answer": gold} for i, gold in enumerate(AUDIT_GOLDS)]
+    path = write_jsonl(tmp_path / "golds.jsonl", rows)
+    dm = HybridDataModule(
+        prompts=DataSource(str(path)),
+        eval_sets={"held_out": DataSource(str(path))},
+        rl_iterations=1, prompts_per_step=1, expert_per_step=0, gold_audit=mode,
+    )  # fmt: skip
+    dm.trainer = trainer
+    dm.setup("fit")
+    return dm
+
+
+def _events(log_dir) -> tuple[dict[str, float], dict[str, str]]:
+    """Scalars and texts written to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    scalars = {tag: events.Scalars(tag)[-1].value for tag in events.Tags()["scalars"]}
+    texts = {
+        tag: events.Tensors(tag)[-1].tensor_proto.string_val[0].decode() for tag in events.Tags()["tensors"]
+    }
+    return scalars, texts
+
+
+def test_gold_audit_report_counts_and_shows_bad_golds_in_log_and_tensorboard(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(tmp_path / "logs", name="", version="")
+    trainer = L.Trainer(
+        logger=logger, accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False
+    )
+    with pytest.warns(
+        UserWarning, match=r"(?s)data\.prompts \(.*golds\.jsonl\): gold audit: 5 golds.*1 unparsable"
+    ):
+        dm = _audited(tmp_path, "report", trainer)
+    assert [e.answer for e in dm.prompt_examples] == AUDIT_GOLDS  # reported, kept
+    assert len(dm.eval_examples["held_out"]) == 5
+    for name in ("prompts", "held_out"):
+        audit = dm.gold_audits[name]
+        assert (audit.unparsable, audit.lossy) == (1, 1)
+        assert audit.ok == [True, False, False, True, True]
+        assert audit.flags[SET_BUILDER] == "unparsable" and audit.flags[RELATION] == "lossy"
+    logger.experiment.flush()
+    scalars, texts = _events(logger.log_dir)
+    for name in ("prompts", "held_out"):
+        assert scalars[f"data/{name}/unparsable_golds"] == 1.0
+        assert scalars[f"data/{name}/lossy_golds"] == 1.0
+    text = texts["data/prompts/gold_audit/text_summary"]
+    assert "\\\\{x \\\\mid x > 0\\\\}" in text and "N = n" in text  # the examples, with their reasons
+    assert "unparsable: " in text and "lossy: " in text
+
+
+def test_gold_audit_drop_leaves_out_the_bad_golds_and_says_so(tmp_path):
+    with pytest.warns(UserWarning, match=r"dropped 2 of 5 \(data\.gold_audit=drop\)"):
+        dm = _audited(tmp_path, "drop")
+    kept = ["2", "x > 3", "\\frac{1}{2}"]
+    assert [e.answer for e in dm.prompt_examples] == kept
+    assert [e.answer for e in dm.eval_examples["held_out"]] == kept
+    assert [b["answers"] for b in dm.val_dataloader()[0]] == [kept]
+    assert (dm.gold_audits["prompts"].unparsable, dm.gold_audits["prompts"].lossy) == (1, 1)
+
+
+def test_gold_audit_fail_names_the_set_and_the_first_bad_gold(tmp_path):
+    with pytest.raises(DataError) as error:
+        _audited(tmp_path, "fail")
+    assert str(error.value) == (
+        f"data.gold_audit=fail: data.prompts ({tmp_path / 'golds.jsonl'}) record 2: answer "
+        "'\\\\{x \\\\mid x > 0\\\\}' is unparsable (math-verify cannot parse it); "
+        "1 unparsable and 1 lossy of 5 golds"
+    )
+
+
+def test_gold_audit_of_the_real_data(gsm8k_train_path, math500_path):
+    """GSM8K's golds are plain numbers (no parse); MATH-500 has six lossy base-b answers."""
+    dm = HybridDataModule(
+        prompts=DataSource(str(gsm8k_train_path)),
+        eval_sets={"math500": DataSource(str(math500_path))},
+        rl_iterations=1, prompts_per_step=1, expert_per_step=0,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"data\.eval_sets\.math500 .* 0 unparsable .*, 6 lossy"):
+        dm.setup("fit")
+    gsm8k, math500 = dm.gold_audits["prompts"], dm.gold_audits["math500"]
+    assert (len(gsm8k.flags), gsm8k.unparsable, gsm8k.lossy) == (7473, 0, 0)
+    assert (len(math500.flags), math500.unparsable, math500.lossy) == (500, 0, 6)
+    assert gsm8k.seconds < 1.0  # numbers never reach math-verify
+    print(f"gold audit: GSM8K train {gsm8k.seconds:.3f} s, MATH-500 {math500.seconds:.2f} s")

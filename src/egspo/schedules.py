@@ -73,14 +73,17 @@ class PhaseLearningRates:
     """The learning rate of each phase: the SFT warm-up's schedule, then the RL phase's own.
 
     A scheduler built on the optimizer at the start of its phase (`start`) and stepped once per
-    optimizer step by the update. At the start of RL, `rl_learning_rate` becomes every group's
+    optimizer step by the update. At the start of RL, the RL base rate becomes every group's
     lr *and* `initial_lr`, the base any scheduler multiplies, so no LambdaLR (transformers'
-    `get_*_schedule_with_warmup` included) brings the warm-up's rate back. A resumed run
-    rebuilds the scheduler of its phase and loads its state.
+    `get_*_schedule_with_warmup` included) brings the warm-up's rate back, and chainable
+    schedulers (LinearLR, which multiply the current lr) start from the same base as LambdaLRs
+    instead of from wherever the warm-up's schedule left the lr (0 after a decay to zero).
+    A resumed run rebuilds the scheduler of its phase and loads its state.
 
     Args:
         sft, rl: build the warm-up's and the RL phase's scheduler from the optimizer (None: constant).
-        rl_learning_rate: the RL phase's base rate (None: carry on from the warm-up's).
+        rl_learning_rate: the RL phase's base rate (None: the optimizer's own, as configured,
+            whatever the warm-up's schedule did to it).
     """
 
     def __init__(
@@ -99,9 +102,11 @@ class PhaseLearningRates:
         """Set up `phase`'s rate and scheduler (from the resumed state when it belongs to this phase)."""
         resumed, self._resumed = self._resumed, None
         starting = resumed is None or resumed["phase"] != phase
-        if phase == "rl" and starting and self.rl_learning_rate is not None:
+        if phase == "rl" and starting:
             for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] = self.rl_learning_rate
+                configured = group.get("initial_lr", group["lr"])  # kept there by the warm-up's scheduler
+                base = self.rl_learning_rate if self.rl_learning_rate is not None else configured
+                group["lr"] = group["initial_lr"] = base
         factory = self.factories[phase]
         self.scheduler = factory(optimizer) if factory is not None else None
         if self.scheduler is not None and not starting:

@@ -16,6 +16,7 @@ from typing import Any
 from jsonargparse import Namespace
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".yaml", ".ckpt", ".safetensors")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # the files `egspo.data.records` reads
 
 
 def looks_local(path: str) -> bool:
@@ -34,6 +35,7 @@ def validate_fit_config(config: Any) -> list[str]:
         *_check_gate(model, trainer),
         *_check_learning_rates(model),
         *_check_validation_interval(model, trainer),
+        *_check_epochs(model, trainer),
         *_check_paths(model, data),
     ]
 
@@ -41,9 +43,11 @@ def validate_fit_config(config: Any) -> list[str]:
 def _check_groups(model: Any) -> list[str]:
     """Each typed option group's own checks (`egspo.config`), run on the parsed values."""
     from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
+    from egspo.model import PolicyConfig
 
     errors = []
     for key, group in (
+        ("policy", PolicyConfig),
         ("prompt", PromptConfig),
         ("rollout", RolloutConfig),
         ("update", UpdateConfig),
@@ -131,6 +135,17 @@ def _check_validation_interval(model: Any, trainer: Any) -> list[str]:
     return []
 
 
+def _check_epochs(model: Any, trainer: Any) -> list[str]:
+    """Each phase is one epoch (the CLI sets `max_epochs`): any other count would cut a phase or loop."""
+    epochs = _get(trainer, "max_epochs")
+    phases = sum(bool(_get(model, key)) for key in ("sft_iterations", "rl_iterations"))
+    if epochs is not None and epochs != phases:
+        return [
+            f"trainer.max_epochs={epochs}: each phase is one epoch, so this run has {phases}; leave it unset"
+        ]
+    return []
+
+
 def _check_paths(model: Any, data: Any) -> list[str]:
     errors = []
     policy = _get(model, "policy")
@@ -145,8 +160,16 @@ def _check_paths(model: Any, data: Any) -> list[str]:
             errors.append(f"model.policy.{key}={path}: no such file or folder")
     for option, source in _data_sources(data):
         path = _get(source, "path")
-        if isinstance(path, str) and looks_local(path) and not Path(path).expanduser().exists():
+        if not isinstance(path, str) or not looks_local(path):
+            continue
+        local, split = Path(path).expanduser(), _get(source, "split")
+        if not local.exists():
             errors.append(f"{option}.path={path}: file not found")
+        elif local.is_dir() and split is None:
+            errors.append(f"{option}.path={path}: a folder; give {option}.split to read <split>.jsonl in it")
+        elif local.is_dir() and not any((local / f"{split}{suffix}").is_file() for suffix in DATA_SUFFIXES):
+            names = ", ".join(f"{split}{suffix}" for suffix in DATA_SUFFIXES)
+            errors.append(f"{option}.split={split}: {path} holds none of {names}")
     return errors
 
 

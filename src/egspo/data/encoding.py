@@ -67,12 +67,25 @@ class PromptEncoder:
         )
 
     def _prompt_ids(self, questions: list[str]) -> tuple[list[list[int]], list[bool]]:
-        """Token ids of each formatted prompt, cut from the left to fit, and which were cut."""
+        """Token ids of each formatted prompt, cut from the left to fit, and which were cut.
+
+        A leading BOS (added here when the tokenizer expects one, or written by the chat
+        template) survives the cut: the model has only ever seen text that starts with it, so
+        an over-long prompt keeps `BOS + its last max_prompt_length - 1 tokens`.
+        """
         rows = self.tokenizer([self.format(q) for q in questions], add_special_tokens=False)["input_ids"]
-        if self.bos_token_id is not None:
-            rows = [r if r[:1] == [self.bos_token_id] else [self.bos_token_id, *r] for r in rows]
+        bos = self.tokenizer.bos_token_id
         limit = self.config.max_prompt_length
-        return [r[-limit:] for r in rows], [len(r) > limit for r in rows]
+        kept, cut = [], []
+        for row in rows:
+            if bos is not None and row[:1] == [bos]:
+                lead, body = row[:1], row[1:]
+            else:
+                lead, body = ([self.bos_token_id] if self.bos_token_id is not None else []), row
+            room = limit - len(lead)  # >= 0: max_prompt_length >= 1
+            cut.append(len(body) > room)
+            kept.append([*lead, *body[max(len(body) - room, 0) :]])
+        return kept, cut
 
     def prompts(self, questions: list[str], device: torch.device | str = "cpu") -> EncodedPrompts:
         """Prompts ready for the rollout engine; longer ones keep their end and are counted."""
