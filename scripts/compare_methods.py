@@ -1,20 +1,22 @@
-"""Compare the RL methods from one shared SFT warm-up, several seeds each, on equal budgets.
+"""Compare RL methods (or variants of one) from one shared SFT warm-up, several seeds each, equal budgets.
 
     python scripts/compare_methods.py                      # the full comparison (see --help)
     python scripts/compare_methods.py --quick              # a tiny smoke run (about a minute)
+    python scripts/compare_methods.py --arm lr_half=egspo:--model.update.rl_learning_rate=1e-4
 
-1. Warm-up: `--config` (default configs/demo.yaml) is trained with `rl_iterations=0`; its
-   policy and tokenizer are saved as a Hugging Face folder (`<work>/sft/policy`), and its
-   Lightning checkpoint stays under `<work>/sft`. `--reuse` skips this when the folder exists.
-2. RL: every method overlay (`configs/method/<m>.yaml`) x seed starts from that folder
-   (`model.policy.name_or_path`) with `sft_iterations=0`, the same RL iterations, prompts
-   (`data.seed` = seed, so all methods see the same prompts for a given seed), generations,
-   evaluation set and callbacks. Each run is a subprocess; `--jobs` of them at a time, each
-   with `--threads` torch threads. The demo's gate-threshold schedule is left out so that each
-   method is exactly its overlay.
-3. Report: `<out>/compare.md` (held-out accuracy mean +- std over seeds, pass@k, maj@k, final
-   token entropy, wall time), `<out>/compare.json`, and plots `<out>/compare_accuracy.png`,
-   `<out>/compare_reward.png`, `<out>/compare_entropy.png` (mean over seeds, band = +-1 std).
+1. Warm-up: `--config` (default configs/demo.yaml) is trained with `rl_iterations=0`; its policy
+   and tokenizer are saved as a Hugging Face folder (`<work>/sft/policy`). `--reuse` skips this
+   when the folder exists.
+2. RL: every arm x seed starts from that folder (`model.policy.name_or_path`) with
+   `sft_iterations=0` and the same budget: RL iterations, prompts (`data.seed` = seed, so all
+   arms see the same prompts for a given seed), generations, evaluation set. An arm is a method
+   overlay (`configs/method/<m>.yaml`) plus CLI overrides. Updates are off-policy by default
+   (`--steps-per-batch 2`: two optimizer steps per rollout batch), so that the clip-based methods
+   differ; with one step per batch every ratio is 1 and GRPO, DAPO and CE-GPPO coincide. Each run
+   is a subprocess; `--jobs` at a time, each with `--threads` torch threads.
+3. Report: `<out>/compare.md` (held-out metrics, mean and 95% interval over seeds), `compare.json`,
+   and plots per RL iteration, one line per arm: held-out accuracy, reward, token entropy, and the
+   fraction of all-equal groups (groups whose samples all score alike carry no signal).
 """
 
 from __future__ import annotations
@@ -35,14 +37,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from plot_run import load_scalars  # noqa: E402
 
+
+@dataclass(frozen=True)
+class Arm:
+    """One thing to compare: a method overlay (or none) and extra CLI overrides."""
+
+    name: str
+    label: str
+    overlay: str | None = None  # configs/method/<overlay>.yaml
+    overrides: tuple[str, ...] = ()
+
+
 METHODS = {
-    "grpo": "GRPO",
-    "dapo": "DAPO",
-    "chord_phi": "CHORD-phi",
-    "ce_gppo": "CE-GPPO",
-    "espo": "ESPO",
-    "egspo": "EGSPO",
+    arm.name: arm
+    for arm in (
+        Arm("grpo", "GRPO", "grpo"),
+        Arm("dapo", "DAPO", "dapo"),
+        Arm("chord_phi", "CHORD-phi", "chord_phi"),
+        Arm("ce_gppo", "CE-GPPO", "ce_gppo"),
+        Arm("espo", "ESPO", "espo"),
+        Arm("egspo", "EGSPO", "egspo"),
+        Arm("egspo_mu", "EGSPO + mu", "egspo_mu"),
+    )
 }
+DEFAULT_METHODS = list(METHODS)
 # The RL runs' callbacks: entropy statistics only (no gate schedule, no checkpoints).
 RL_CALLBACKS = (
     '[{"class_path": "egspo.callbacks.EntropyStatsLogger", "init_args": {"histogram_every": 1000}}]'
@@ -64,6 +82,12 @@ QUICK_OVERRIDES = [
     "--data.eval_batch_size=8",
 ]
 QUICK_RL_ITERATIONS = 2
+CURVES = {
+    "accuracy": "held-out accuracy (greedy)",
+    "reward": "rollout reward",
+    "entropy": "mean token entropy (nats)",
+    "rollout/all_equal_groups": "fraction of all-equal groups",
+}
 
 
 @dataclass
@@ -77,9 +101,7 @@ class RunResult:
     ok: bool = False
     error: str = ""
     final: dict[str, float] = field(default_factory=dict)  # headline metrics after RL (mean over eval sets)
-    curves: dict[str, dict[int, float]] = field(
-        default_factory=dict
-    )  # reward, entropy, accuracy per iteration
+    curves: dict[str, dict[int, float]] = field(default_factory=dict)  # per RL iteration
 
 
 # ----------------------------------------------------------------------------- warm-up
@@ -93,17 +115,9 @@ def warm_up(
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    cli = run(
-        args=[
-            "--config",
-            str(config),
-            *overrides,
-            "--model.rl_iterations=0",
-            f"--trainer.default_root_dir={work / 'sft'}",
-            "--trainer.enable_progress_bar=false",
-        ],
-        run=False,
-    )
+    args = ["--config", str(config), *overrides, "--model.rl_iterations=0"]
+    args += [f"--trainer.default_root_dir={work / 'sft'}", "--trainer.enable_progress_bar=false"]
+    cli = run(args, run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     target = work / "sft" / "policy"
     cli.model.policy.save_pretrained(target)
@@ -121,8 +135,9 @@ def _headline_metrics(per_set: dict[str, dict[str, float]]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- RL runs
 def rl_command(
-    config: Path, method: str, seed: int, policy_dir: Path, run_dir: Path, overrides: list[str]
+    config: Path, arm: Arm, seed: int, policy_dir: Path, run_dir: Path, overrides: list[str]
 ) -> list[str]:
+    overlay = ["--config", str(ROOT / "configs" / "method" / f"{arm.overlay}.yaml")] if arm.overlay else []
     return [
         sys.executable,
         "-m",
@@ -130,9 +145,9 @@ def rl_command(
         "fit",
         "--config",
         str(config),
-        "--config",
-        str(ROOT / "configs" / "method" / f"{method}.yaml"),
+        *overlay,
         *overrides,
+        *arm.overrides,
         "--model.sft_iterations=0",
         f"--model.policy.name_or_path={policy_dir}",
         "--model.policy.config=null",
@@ -172,15 +187,9 @@ def collect(result: RunResult) -> RunResult:
         return result
     summary = json.loads(summaries[-1].read_text())
     final = _headline_metrics(summary.get("rl", {}).get("metrics", {}))
-    if not final and "rl" in summary:
-        final = {"accuracy": summary["rl"]["accuracy"]}
     scalars = load_scalars(summaries[-1].parent)
-    accuracy = _mean_over_sets(scalars, "accuracy")
-    result.curves = {
-        "reward": scalars.get("reward", {}),
-        "entropy": scalars.get("entropy", {}),
-        "accuracy": accuracy,  # every run starts from the warm-up: its accuracy is the point at 0
-    }
+    result.curves = {key: scalars.get(key, {}) for key in CURVES if key != "accuracy"}
+    result.curves["accuracy"] = _mean_over_sets(scalars, "accuracy")  # the warm-up's is the point at 0
     entropy = [v for _it, v in sorted(result.curves["entropy"].items())]
     final["final_entropy"] = statistics.fmean(entropy[-5:]) if entropy else math.nan
     result.final = final
@@ -195,51 +204,56 @@ def _mean_over_sets(scalars: dict[str, dict[int, float]], metric: str) -> dict[i
 
 
 # ----------------------------------------------------------------------------- aggregation
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value); NaN for none."""
+# Two-sided 97.5% quantiles of Student's t for n - 1 = 1..10 degrees of freedom.
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% interval over seeds (Student's t); NaN for none."""
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1:
+        return values[0], 0.0
+    t = _T975.get(len(values) - 1, 1.96)
+    return statistics.fmean(values), t * statistics.stdev(values) / math.sqrt(len(values))
 
 
 def aggregate(results: list[RunResult]) -> dict[str, dict[str, tuple[float, float]]]:
-    """`{method: {metric: (mean, std over seeds)}}` of the final metrics and wall time."""
+    """`{arm: {metric: (mean, 95% half-width over seeds)}}` of the final metrics and wall time."""
     table: dict[str, dict[str, tuple[float, float]]] = {}
     for method in dict.fromkeys(r.method for r in results):
         runs = [r for r in results if r.method == method and r.ok]
         keys = sorted({k for r in runs for k in r.final})
-        row = {k: mean_std([r.final.get(k, math.nan) for r in runs]) for k in keys}
-        row["wall_time"] = mean_std([r.wall_time for r in runs])
+        row = {k: mean_interval([r.final.get(k, math.nan) for r in runs]) for k in keys}
+        row["wall_time"] = mean_interval([r.wall_time for r in runs])
         row["seeds"] = (float(len(runs)), 0.0)
         table[method] = row
     return table
 
 
 def band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
-    """Iterations every curve has, and the mean and std (over curves) at each of them."""
+    """Iterations every curve has, and the mean and 95% half-width (over curves) at each of them."""
     if not curves:
         return [], [], []
     common = sorted(set.intersection(*(set(c) for c in curves)))
-    means, stds = [], []
-    for it in common:
-        mean, std = mean_std([c[it] for c in curves])
-        means.append(mean)
-        stds.append(std)
-    return common, means, stds
+    pairs = [mean_interval([c[it] for c in curves]) for it in common]
+    return common, [m for m, _ in pairs], [h for _, h in pairs]
 
 
 def _cell(stat: tuple[float, float] | None, digits: int = 3) -> str:
     if stat is None or math.isnan(stat[0]):
         return "-"
-    mean, std = stat
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    mean, half = stat
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
 def format_table(
-    table: dict[str, dict[str, tuple[float, float]]], sft: dict[str, float] | None = None
+    table: dict[str, dict[str, tuple[float, float]]],
+    labels: dict[str, str],
+    sft: dict[str, float] | None = None,
 ) -> str:
-    """The Markdown results table: one row per method (+ the SFT warm-up), mean ± std over seeds."""
+    """The Markdown results table: one row per arm (+ the SFT warm-up), mean ± 95% interval over seeds."""
     extra = sorted(
         {k for row in table.values() for k in row if k.startswith(("pass@", "maj@"))},
         key=lambda k: (k.split("@")[0] != "pass", int(k.split("@")[1])),
@@ -251,41 +265,43 @@ def format_table(
         cells += [f"{sft[k]:.3f}" if k in sft else "-" for k in extra]
         lines.append("| " + " | ".join([*cells, "-", "-", "-"]) + " |")
     for method, row in table.items():
-        cells = [METHODS.get(method, method), _cell(row.get("accuracy"))]
+        cells = [labels.get(method, method), _cell(row.get("accuracy"))]
         cells += [_cell(row.get(k)) for k in extra]
         cells += [_cell(row.get("final_entropy")), _cell(row.get("wall_time"), 0), f"{int(row['seeds'][0])}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_bands(
-    results: list[RunResult], key: str, ylabel: str, path: Path, sft_value: float | None = None
-) -> Path:
-    """One line per method (mean over seeds) with a +-1 std band, against the RL iteration."""
+def plot_bands(results: list[RunResult], labels: dict[str, str], sft: dict[str, float], path: Path) -> Path:
+    """One panel per curve (accuracy, reward, entropy, all-equal groups), one line per arm, 95% bands."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for method in dict.fromkeys(r.method for r in results):
-        curves = [r.curves.get(key, {}) for r in results if r.method == method and r.ok]
-        xs, means, stds = band([c for c in curves if c])
-        if not xs:
-            continue
-        style = {"marker": "o", "markersize": 3.5} if len(xs) <= 15 else {}
-        (line,) = ax.plot(xs, means, label=METHODS.get(method, method), linewidth=1.6, **style)
-        lo = [m - s for m, s in zip(means, stds, strict=True)]
-        hi = [m + s for m, s in zip(means, stds, strict=True)]
-        ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-    if sft_value is not None and not math.isnan(sft_value):
-        ax.axhline(sft_value, color="black", linestyle=":", linewidth=1, label="SFT warm-up")
-    ax.set_xlabel("RL iteration")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    for ax, (key, ylabel) in zip(axes.flat, CURVES.items(), strict=True):
+        for method in dict.fromkeys(r.method for r in results):
+            curves = [r.curves.get(key, {}) for r in results if r.method == method and r.ok]
+            curves = [{int(k): v for k, v in c.items()} for c in curves if c]
+            if key == "accuracy" and "accuracy" in sft:  # every run starts from the warm-up
+                curves = [{0: sft["accuracy"], **c} for c in curves]
+            xs, means, halves = band(curves)
+            if not xs:
+                continue
+            style = {"marker": "o", "markersize": 3} if len(xs) <= 15 else {}
+            (line,) = ax.plot(xs, means, label=labels.get(method, method), linewidth=1.5, **style)
+            lo = [m - h for m, h in zip(means, halves, strict=True)]
+            hi = [m + h for m, h in zip(means, halves, strict=True)]
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
+        if key == "accuracy" and "accuracy" in sft:
+            ax.axhline(sft["accuracy"], color="black", linestyle=":", linewidth=1, label="SFT warm-up")
+        ax.set_xlabel("RL iteration")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7.5, ncol=2)
     seeds = len({r.seed for r in results})
-    ax.set_title(f"{ylabel}: mean over {seeds} seeds, band = ±1 std", fontsize=10)
+    fig.suptitle(f"mean over {seeds} seeds; bands: 95% interval over seeds", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -298,44 +314,45 @@ def write_report(
     sft: dict[str, float],
     out: Path,
     settings: dict[str, object],
+    labels: dict[str, str],
 ) -> Path:
-    """compare.md, compare.json and the three plots."""
+    """compare.md, compare.json and the curves' plot."""
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(results)
     failed = [r for r in results if not r.ok]
     lines = [
         "# Method comparison",
         "",
-        "Every method starts from the same SFT warm-up checkpoint and gets the same RL budget "
+        "Every arm starts from the same SFT warm-up checkpoint and gets the same RL budget "
         "(iterations, prompts per iteration, generations per prompt); held-out metrics are on the "
-        "same eval set, after RL, mean ± std over seeds. `accuracy` is the greedy answer's; "
-        "pass@k and maj@k use sampled answers at the training temperature. Final entropy: mean "
-        "token entropy of the rollouts over the last 5 RL iterations.",
+        "same eval set, after RL: mean ± half-width of the 95% interval over seeds (Student's t). "
+        "`accuracy` is the greedy answer's; pass@k and maj@k use sampled answers at the training "
+        "temperature. Final entropy: mean token entropy of the rollouts over the last 5 RL iterations.",
         "",
-        format_table(table, sft),
+        format_table(table, labels, sft),
         "",
         "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()),
         "",
-        "![held-out accuracy](compare_accuracy.png)",
-        "",
-        "![reward](compare_reward.png) ![entropy](compare_entropy.png)",
+        "![curves](compare_curves.png)",
     ]
     if failed:
         lines += ["", "Failed runs:", *(f"- {r.method} seed {r.seed}: {r.error}" for r in failed)]
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n")
-    (out / "compare.json").write_text(
-        json.dumps({"settings": settings, "sft": sft, "runs": [asdict(r) for r in results]}, indent=1)
-    )
-    plot_bands(
-        results, "accuracy", "held-out accuracy (greedy)", out / "compare_accuracy.png", sft.get("accuracy")
-    )
-    plot_bands(results, "reward", "rollout reward", out / "compare_reward.png")
-    plot_bands(results, "entropy", "mean token entropy (nats)", out / "compare_entropy.png")
+    payload = {"settings": settings, "sft": sft, "runs": [asdict(r) for r in results]}
+    (out / "compare.json").write_text(json.dumps(payload, indent=1))
+    plot_bands(results, labels, sft, out / "compare_curves.png")
     return path
 
 
 # ----------------------------------------------------------------------------- main
+def parse_arm(text: str) -> Arm:
+    """`name=overlay:--opt=value:--opt=value` (overlay may be empty) as an `Arm`."""
+    name, _, spec = text.partition("=")
+    overlay, *overrides = spec.split(":")
+    return Arm(name, name, overlay or None, tuple(overrides))
+
+
 def config_budget(config: Path, overrides: list[str]) -> dict[str, object]:
     """The RL budget every run gets: the config's values, with `--key=value` overrides applied."""
     import yaml
@@ -362,10 +379,12 @@ def config_budget(config: Path, overrides: list[str]) -> dict[str, object]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "demo.yaml")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="*", default=None, choices=list(METHODS), help="default: all")
+    parser.add_argument("--arm", action="append", default=[], type=parse_arm, help="name=overlay:--opt=v:...")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rl-iterations", type=int, default=None, help="default: the config's")
-    parser.add_argument("--eval-every", type=int, default=10, help="held-out eval every n RL iterations")
+    parser.add_argument("--steps-per-batch", type=int, default=2, help="optimizer steps per rollout batch")
+    parser.add_argument("--eval-every", type=int, default=None, help="held-out eval every n RL iterations")
     parser.add_argument("--eval-samples", type=int, default=4, help="samples per eval prompt (pass@k, maj@k)")
     parser.add_argument("--jobs", type=int, default=2, help="RL runs at a time")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per RL run")
@@ -387,12 +406,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     overrides = [f"--{o.lstrip('-')}" for o in args.overrides]
-    rl_iterations = args.rl_iterations
-    eval_every = args.eval_every
     if args.quick:
         overrides = QUICK_OVERRIDES + overrides
-        rl_iterations = rl_iterations or QUICK_RL_ITERATIONS
-        eval_every = rl_iterations
+    budget = config_budget(args.config, overrides)
+    rl_iterations = args.rl_iterations or (QUICK_RL_ITERATIONS if args.quick else budget["rl_iterations"])
+    budget["rl_iterations"] = rl_iterations
+    rollout_batch = budget["prompts_per_step"] * budget["num_generations"]
+    arms = [
+        METHODS[m]
+        for m in (args.methods if args.methods is not None else [] if args.arm else DEFAULT_METHODS)
+    ]
+    arms += args.arm
+    labels = {arm.name: arm.label for arm in arms}
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     eval_overrides = [f"--model.evaluation.num_samples={args.eval_samples}"]
@@ -404,23 +429,27 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"reusing the warm-up in {policy_dir}")
     else:
         print("SFT warm-up ...", flush=True)
-        policy_dir, sft, sft_time = warm_up(
-            args.config, overrides + eval_overrides, work, threads=max(args.jobs * args.threads, 1)
-        )
+        threads = max(args.jobs * args.threads, 1)
+        policy_dir, sft, sft_time = warm_up(args.config, overrides + eval_overrides, work, threads)
         print(
             f"SFT warm-up: {sft_time:.0f} s, held-out accuracy {sft.get('accuracy', math.nan):.3f}",
             flush=True,
         )
 
-    rl_overrides = [*overrides, *eval_overrides, f"--trainer.val_check_interval={eval_every}"]
-    if rl_iterations is not None:
-        rl_overrides.append(f"--model.rl_iterations={rl_iterations}")
+    eval_every = args.eval_every or rl_iterations
+    rl_overrides = [
+        *overrides,
+        *eval_overrides,
+        f"--model.rl_iterations={rl_iterations}",
+        f"--trainer.val_check_interval={eval_every}",
+        f"--model.update.mini_batch_size={rollout_batch // args.steps_per_batch}",
+    ]
     jobs = []
-    for seed in args.seeds:  # seed-major: partial results cover every method early
-        for method in args.methods:
-            run_dir = work / method / f"seed{seed}"
-            command = rl_command(args.config, method, seed, policy_dir, run_dir, rl_overrides)
-            jobs.append((command, RunResult(method=method, seed=seed, run_dir=str(run_dir))))
+    for seed in args.seeds:  # seed-major: partial results cover every arm early
+        for arm in arms:
+            run_dir = work / arm.name / f"seed{seed}"
+            command = rl_command(args.config, arm, seed, policy_dir, run_dir, rl_overrides)
+            jobs.append((command, RunResult(method=arm.name, seed=seed, run_dir=str(run_dir))))
     start = time.perf_counter()
     done: list[RunResult] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -435,22 +464,21 @@ def main(argv: list[str] | None = None) -> Path:
                 f"{status} (about {eta / 60:.0f} min left)",
                 flush=True,
             )
-    budget = config_budget(args.config, overrides)
-    if rl_iterations is not None:
-        budget["rl_iterations"] = rl_iterations
     settings = {
         "config": os.path.relpath(args.config, ROOT),
         **budget,
+        "optimizer_steps_per_rollout_batch": args.steps_per_batch,
         "seeds": " ".join(map(str, args.seeds)),
         "eval_num_samples": args.eval_samples,
-        "eval_every": args.eval_every,
+        "eval_every": eval_every,
         "quick": args.quick,
         "sft_time_s": round(sft_time),
         "rl_time_s": round(time.perf_counter() - start),
         "jobs": args.jobs,
+        "threads": args.threads,
         "overrides": " ".join(args.overrides) or "none",
     }
-    report = write_report(done, sft, args.out, settings)
+    report = write_report(done, sft, args.out, settings, labels)
     print(f"wrote {report}")
     return report
 

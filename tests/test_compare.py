@@ -34,37 +34,53 @@ RESULTS = [
 ]
 
 
-def test_mean_std_uses_the_sample_std_and_skips_nan():
-    assert cm.mean_std([1.0, 2.0, 3.0]) == pytest.approx((2.0, 1.0))
-    assert cm.mean_std([4.0, math.nan]) == (4.0, 0.0)
-    assert all(math.isnan(x) for x in cm.mean_std([]))
+# 95% half-width over 3 seeds: t(0.975, 2) * s / sqrt(3), with t = 4.303
+HALF = 4.303 / math.sqrt(3)
+
+
+def test_mean_interval_uses_students_t_and_skips_nan():
+    mean, half = cm.mean_interval([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0) and half == pytest.approx(1.0 * HALF)
+    assert cm.mean_interval([4.0, math.nan]) == (4.0, 0.0)
+    assert all(math.isnan(x) for x in cm.mean_interval([]))
 
 
 def test_aggregate_over_seeds():
     table = cm.aggregate(RESULTS)
     assert list(table) == ["grpo", "egspo"]
-    assert table["grpo"]["accuracy"] == pytest.approx((0.5, 0.1))
-    assert table["grpo"]["final_entropy"] == pytest.approx((0.7, 0.2))
-    assert table["grpo"]["wall_time"] == pytest.approx((110.0, 10.0))
+    assert table["grpo"]["accuracy"] == pytest.approx((0.5, 0.1 * HALF))
+    assert table["grpo"]["final_entropy"] == pytest.approx((0.7, 0.2 * HALF))
+    assert table["grpo"]["wall_time"] == pytest.approx((110.0, 10.0 * HALF))
     assert table["grpo"]["seeds"][0] == 3
     assert table["egspo"]["accuracy"] == (0.7, 0.0) and table["egspo"]["seeds"][0] == 1
 
 
 def test_band_keeps_the_iterations_every_seed_has():
-    xs, means, stds = cm.band([r.curves["reward"] for r in RESULTS[:3]])
+    xs, means, halves = cm.band([r.curves["reward"] for r in RESULTS[:3]])
     assert xs == [1, 2]
     assert means == pytest.approx([0.2, 0.3])
-    assert stds == pytest.approx([0.1, 0.1])
+    assert halves == pytest.approx([0.1 * HALF, 0.1 * HALF])
     assert cm.band([]) == ([], [], [])
 
 
+def test_an_arm_is_an_overlay_plus_overrides():
+    arm = cm.parse_arm("lr_half=egspo:--model.update.rl_learning_rate=1e-4:--data.seed=3")
+    assert arm == cm.Arm(
+        "lr_half", "lr_half", "egspo", ("--model.update.rl_learning_rate=1e-4", "--data.seed=3")
+    )
+    assert cm.parse_arm("plain=").overlay is None
+
+
 def test_table_has_a_row_per_method_and_the_warm_up():
-    text = cm.format_table(cm.aggregate(RESULTS), sft={"accuracy": 0.3, "pass@1": 0.2, "pass@4": 0.45})
+    labels = {name: arm.label for name, arm in cm.METHODS.items()}
+    text = cm.format_table(
+        cm.aggregate(RESULTS), labels, sft={"accuracy": 0.3, "pass@1": 0.2, "pass@4": 0.45}
+    )
     lines = text.splitlines()
     assert lines[0].split(" | ")[1:4] == ["held-out accuracy", "pass@1", "pass@4"]
     assert lines[2].startswith("| SFT warm-up | 0.300 | 0.200 | 0.450 |")
     assert lines[3].startswith(
-        "| GRPO | 0.500 ± 0.100 | 0.250 ± 0.050 | 0.500 ± 0.100 | 0.700 ± 0.200 | 110 ± 10 | 3 |"
+        "| GRPO | 0.500 ± 0.248 | 0.250 ± 0.124 | 0.500 ± 0.248 | 0.700 ± 0.497 | 110 ± 25 | 3 |"
     )
     assert lines[4].startswith("| EGSPO | 0.700 ± 0.000 |")
 
@@ -79,7 +95,7 @@ def test_config_budget_applies_overrides():
 
 def test_rl_command_starts_from_the_warm_up_with_the_method_overlay(tmp_path):
     command = cm.rl_command(
-        ROOT / "configs" / "demo.yaml", "espo", 2, tmp_path / "policy", tmp_path / "run", []
+        ROOT / "configs" / "demo.yaml", cm.METHODS["espo"], 2, tmp_path / "policy", tmp_path / "run", []
     )
     joined = " ".join(command)
     assert f"--config {ROOT / 'configs' / 'method' / 'espo.yaml'}" in joined
@@ -118,5 +134,5 @@ def test_quick_comparison_end_to_end(tmp_path):
     assert sorted(map(int, run["curves"]["reward"])) == [1, 2]
     assert sorted(map(int, run["curves"]["accuracy"])) == [2]  # evaluated at the end of the RL phase
     assert {"accuracy", "pass@1", "pass@4", "maj@4", "final_entropy"} <= set(run["final"])
-    for name in ("compare_accuracy.png", "compare_reward.png", "compare_entropy.png"):
-        assert (tmp_path / "o" / name).read_bytes()[:4] == b"\x89PNG"
+    assert set(run["curves"]) == set(cm.CURVES)
+    assert (tmp_path / "o" / "compare_curves.png").read_bytes()[:4] == b"\x89PNG"

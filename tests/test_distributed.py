@@ -1,4 +1,4 @@
-"""Training in two processes on CPU (gloo): FSDP2 through ModelParallelStrategy, and DDP.
+"""Training in two processes on CPU (gloo): FSDP2 (ModelParallelStrategy) and DDP.
 
 This file is also the training script the tests launch (`python tests/test_distributed.py ...`):
 Lightning's launcher starts the second process by running the same command again.
@@ -9,6 +9,11 @@ Three runs see the same data:
 - one process x 2k prompts, replaying both ranks' rollouts.
 Generation is the only step whose random stream depends on the process layout, so replaying
 it makes the data identical while rewards, advantages, scoring, the gate and the updates run.
+Gradient clipping binds in every run (`MAX_GRAD_NORM` is below the gradients' norm), so the
+weights also check that the norm is the global one: a norm over one rank's shard would scale
+each shard by a different factor. Lightning's `FSDPStrategy` (FSDP1) is refused: it runs
+`training_step` inside the FSDP1 root's forward, where egspo's update cannot call backward
+(Lightning issues #19626, #19685).
 
 What matches, and why: the loss is `seq-mean-token-mean`, and every rank holds the same number of
 sequences, so the mean of the ranks' losses (and of their gradients, which DDP and FSDP average)
@@ -26,7 +31,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +44,7 @@ TINY = tiny_qwen2(tie_word_embeddings=True)
 PROMPTS_PER_RANK = 2
 GENERATIONS = 4
 RL_ITERATIONS = 2
+MAX_GRAD_NORM = 0.05  # below the tiny model's gradient norms (~0.1-1): clipping binds
 
 
 # ---------------------------------------------------------------------- the training script
@@ -63,7 +68,13 @@ class LengthReward:
 
 
 class NaNOnRank(EGSPOLoss):
-    """EGSPO whose loss is NaN on one rank in the first iteration: every rank must skip that update."""
+    """EGSPO whose loss *value* is NaN on one rank in the first iteration; its gradient stays finite.
+
+    A NaN gradient would reach every rank through DDP's gradient all-reduce, and each rank would
+    skip on its own NaN norm: that would not show the decision is shared. Adding a NaN constant
+    leaves the gradient (and so every rank's norm) finite, so only rank `rank` sees a non-finite
+    value, and the other skips only if the decision is all-reduced.
+    """
 
     def __init__(self, rank: int) -> None:
         super().__init__(loss_agg_mode="seq-mean-token-mean")
@@ -73,7 +84,7 @@ class NaNOnRank(EGSPOLoss):
         out = super().__call__(batch)
         self.calls += 1
         if _rank() == self.rank and self.calls == 1:
-            return LossOutput(loss=out.loss * float("nan"), metrics=out.metrics)
+            return LossOutput(loss=out.loss + torch.tensor(float("nan")), metrics=out.metrics)
         return out
 
 
@@ -159,7 +170,7 @@ def train(args: argparse.Namespace) -> None:
         rl_iterations=RL_ITERATIONS,
         prompt=PromptConfig(max_prompt_length=64),
         rollout=rollout,
-        update=UpdateConfig(max_grad_norm=1.0),
+        update=UpdateConfig(max_grad_norm=MAX_GRAD_NORM),
         optimizer=partial(torch.optim.SGD, lr=0.5),
     )
     data = HybridDataModule(
@@ -180,6 +191,7 @@ def train(args: argparse.Namespace) -> None:
             self.rows.append(
                 {
                     "loss": float(metrics["train/rl_loss"]),
+                    "grad_norm": float(metrics["rl/grad_norm"]),
                     "threshold": float(outputs["gate_threshold"]),
                     "reward": float(metrics["reward"]),
                     "entropy": exp.entropy[exp.completion_mask.bool()].tolist(),
@@ -222,6 +234,14 @@ def train(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- the tests
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    return env
+
+
 def _launch(
     out: Path,
     strategy: str,
@@ -229,19 +249,18 @@ def _launch(
     prompts: int,
     replay: Path | None = None,
     nan_rank: int | None = None,
-) -> float:
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, __file__, "--out", str(out), "--strategy", strategy]
     cmd += ["--devices", str(devices), "--prompts", str(prompts)]
     if nan_rank is not None:
         cmd += ["--nan-rank", str(nan_rank)]
     if replay is not None:
         cmd += ["--replay", str(replay), "--replay-ranks", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    return time.perf_counter() - start
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=240)
+    if check:
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    return done
 
 
 def _records(out: Path, rank: int) -> list[dict]:
@@ -276,7 +295,7 @@ def test_two_processes_match_one_process(runs, strategy):
     rows = [_records(out, 0), _records(out, 1)]
     reference = _records(single, 0)
     assert len(rows[0]) == len(rows[1]) == len(reference) == RL_ITERATIONS
-    assert all(r["sharded"] for r in rows[0]) == (strategy == "fsdp")
+    assert all(r["sharded"] for r in rows[0]) == (strategy != "ddp")
     # Both ranks end with the same weights, and they are those of one process on the same data.
     w0, w1 = _weights(out, 0), _weights(out, 1)
     _assert_same_weights(w0, w1, atol=0)
@@ -291,6 +310,10 @@ def test_two_processes_match_one_process(runs, strategy):
         # Metrics are over both ranks: the logged reward is the single-process one.
         assert rows[0][it]["reward"] == pytest.approx(reference[it]["reward"], abs=1e-6)
         assert rows[1][it]["reward"] == pytest.approx(reference[it]["reward"], abs=1e-6)
+        # Clipping bound, with the norm of the whole gradient (a shard's norm would differ by rank).
+        assert reference[it]["grad_norm"] > MAX_GRAD_NORM
+        for rank in (0, 1):
+            assert rows[rank][it]["grad_norm"] == pytest.approx(reference[it]["grad_norm"], rel=1e-5)
 
 
 @pytest.mark.distributed
@@ -317,9 +340,25 @@ def test_gate_threshold_is_the_quantile_of_all_ranks_tokens(runs, strategy):
 def test_a_nonfinite_loss_on_one_rank_skips_the_update_on_every_rank(tmp_path):
     _launch(tmp_path, "ddp", 2, PROMPTS_PER_RANK, nan_rank=1)
     rows = [_records(tmp_path, 0), _records(tmp_path, 1)]
-    # Rank 1's NaN in the first iteration skipped that update on rank 0 too: no rank waits or drifts.
+    # Rank 1's NaN loss value in the first iteration (its gradient, and so every rank's gradient
+    # norm, finite) skipped that update on rank 0 too: no rank steps alone and drifts.
     assert [r["skipped"] for r in rows[0]] == [r["skipped"] for r in rows[1]] == [1, 1]
+    assert all(torch.isfinite(torch.tensor(r["grad_norm"])) for r in rows[0] + rows[1])
     _assert_same_weights(_weights(tmp_path, 0), _weights(tmp_path, 1), atol=0)
+    initial = torch.load(tmp_path / "initial_weights.pt")
+    assert any(not torch.equal(initial[k], v) for k, v in _weights(tmp_path, 0).items())  # 2nd step ran
+
+
+def test_fsdp1_is_refused_in_one_line_naming_fsdp2(tmp_path, capsys):
+    from egspo.cli import main
+
+    args = ["fit", "--config", str(ROOT / "configs/demo.yaml"), "--trainer.strategy=fsdp"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.devices=1"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "FSDPStrategy" in error[0] and "ModelParallelStrategy" in error[0]
 
 
 @pytest.mark.distributed
@@ -362,7 +401,7 @@ def test_fsdp_multinode_config_selects_model_parallel_with_bf16_compute():
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--strategy", choices=["ddp", "fsdp", "single"], required=True)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "single"], default="single")
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--prompts", type=int, default=PROMPTS_PER_RANK)
     parser.add_argument("--replay", default=None)

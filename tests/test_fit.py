@@ -7,7 +7,7 @@ import torch
 from tiny_model import tiny_qwen2_json
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["grpo", "dapo", "chord_phi", "ce_gppo", "espo", "egspo"]
+METHODS = ["grpo", "dapo", "chord_phi", "ce_gppo", "espo", "egspo", "egspo_mu", "papo", "oger", "uec_rl"]
 TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 
 pytestmark = pytest.mark.slow
@@ -75,7 +75,7 @@ def test_fit_every_method_switches_phase_and_learns(tmp_path, method):
 
 def test_method_overlay_selects_its_loss(tmp_path):
     from egspo.cli import run
-    from egspo.losses import CEGPPOLoss, ChordPhiLoss, EGSPOLoss, ESPOLoss, NLLLoss, PPOClipLoss
+    from egspo.losses import CEGPPOLoss, ChordPhiLoss, EGSPOLoss, ESPOLoss, NLLLoss, PAPOLoss, PPOClipLoss
 
     expected = {
         "grpo": (PPOClipLoss, 0.2, 0.0),
@@ -84,6 +84,10 @@ def test_method_overlay_selects_its_loss(tmp_path):
         "ce_gppo": (CEGPPOLoss, 0.2, 0.0),
         "espo": (ESPOLoss, None, 0.0),
         "egspo": (EGSPOLoss, 0.2, 0.0),
+        "egspo_mu": (EGSPOLoss, 0.2, 0.1),
+        "papo": (PAPOLoss, 0.2, 0.0),
+        "oger": (PPOClipLoss, 0.2, 0.0),
+        "uec_rl": (PPOClipLoss, 0.2, 0.0),
     }
     for method, (cls, clip_high, mu) in expected.items():
         cli = run(tiny_args(tmp_path, "configs/demo.yaml", f"configs/method/{method}.yaml"), run=False)
@@ -93,5 +97,7 @@ def test_method_overlay_selects_its_loss(tmp_path):
             assert loss.clip_high == clip_high, method
         assert cli.model.mu(0) == mu, method
         # The CHORD overlay changes the loss mixed into RL, never the warm-up's.
-        assert isinstance(cli.model.update.mix_loss, ChordPhiLoss) == (method == "chord_phi")
+        assert isinstance(cli.model.update.mix_loss, ChordPhiLoss) == (method in ("chord_phi", "egspo_mu"))
+        assert (cli.model.exploration_bonus is not None) == (method == "oger")
+        assert (cli.model.uec is not None) == (method == "uec_rl")
         assert type(cli.model.update.warmup_loss) is NLLLoss

@@ -66,6 +66,15 @@ class RolloutConfig:
         stop_token_ids: tokens that end a sample (default: the tokenizer's EOS and every
             `eos_token_id` of the model's generation_config).
         advantage_scale: "group" (GRPO), "batch", or "none" (Dr.GRPO).
+        dynamic_sampling: DAPO's dynamic sampling: prompts whose samples all score alike (zero
+            advantage) are replaced by fresh prompts, sampled in further rounds.
+        max_num_gen_batches: sampling rounds per iteration at most with dynamic sampling (verl's
+            name); when they run out, the batch is topped up with all-equal groups carrying no loss.
+        mask_truncated_completions: overlong filtering (DAPO; TRL's name): samples that hit
+            `max_completion_length` without a stop token carry no loss.
+        overlong_buffer_len, overlong_penalty_factor: DAPO's soft overlong punishment (verl's
+            names): the reward falls linearly by up to `overlong_penalty_factor` over the last
+            `overlong_buffer_len` tokens before `max_completion_length` (None: off).
     """
 
     engine: RolloutEngine | None = None
@@ -76,12 +85,18 @@ class RolloutConfig:
     top_k: int = 0
     stop_token_ids: list[int] | None = None
     advantage_scale: Literal["group", "batch", "none"] = "group"
+    dynamic_sampling: bool = False
+    max_num_gen_batches: int = 3
+    mask_truncated_completions: bool = False
+    overlong_buffer_len: int | None = None
+    overlong_penalty_factor: float = 1.0
 
     def __post_init__(self) -> None:
         if self.engine is None:
             from egspo.rollout import HFGenerateEngine
 
             self.engine = HFGenerateEngine()
+        buffer = self.overlong_buffer_len
         _check(
             **{
                 "model.rollout.num_generations": (
@@ -98,6 +113,18 @@ class RolloutConfig:
                 ),
                 "model.rollout.top_p": (0 < self.top_p <= 1, f"{self.top_p}: must be in (0, 1]"),
                 "model.rollout.top_k": (self.top_k >= 0, f"{self.top_k}: must be >= 0 (0 disables it)"),
+                "model.rollout.max_num_gen_batches": (
+                    self.max_num_gen_batches >= 1,
+                    f"{self.max_num_gen_batches}: must be >= 1",
+                ),
+                "model.rollout.overlong_buffer_len": (
+                    buffer is None or 1 <= buffer <= self.max_completion_length,
+                    f"{buffer}: must be in [1, max_completion_length={self.max_completion_length}]",
+                ),
+                "model.rollout.overlong_penalty_factor": (
+                    self.overlong_penalty_factor >= 0,
+                    f"{self.overlong_penalty_factor}: must be >= 0",
+                ),
             }
         )
 
@@ -187,5 +214,9 @@ class EvalConfig:
                     f"{length}: must be >= 1",
                 ),
                 "model.evaluation.num_samples": (self.num_samples >= 1, f"{self.num_samples}: must be >= 1"),
+                "model.evaluation.pass_k": (
+                    all(1 <= k <= self.num_samples for k in self.pass_k or []),
+                    f"{self.pass_k}: every k must be in [1, model.evaluation.num_samples={self.num_samples}]",
+                ),
             }
         )

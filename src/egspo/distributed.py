@@ -150,3 +150,17 @@ def all_ranks_agree(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is True on at least one process (a collective when distributed)."""
+    return not all_ranks_agree(not flag)
+
+
+def gather_objects(obj: object) -> list:
+    """`obj` of every rank, in rank order (a collective when distributed; `[obj]` otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -12,14 +12,17 @@ message instead of a retry loop.
 
 from __future__ import annotations
 
+import copy
 import os
 import socket
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
-import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -60,7 +63,8 @@ class PolicyConfig:
     """
 
     name_or_path: str | None = None
-    config: dict | None = None
+    # dict[str, Any], not dict: jsonargparse then reads `--model.policy.config.hidden_size=64` as an int
+    config: dict[str, Any] | None = None
     tokenizer: str | None = None
     dtype: str = "float32"
     lora: LoRAConfig | None = None
@@ -70,21 +74,21 @@ class PolicyConfig:
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.config is not None:  # `--model.policy.config.hidden_size=64` arrives as the string "64"
-            self.config = {k: yaml.safe_load(v) if isinstance(v, str) else v for k, v in self.config.items()}
         if (self.name_or_path is None) == (self.config is None):
             raise ValueError(
-                "policy: give exactly one of `name_or_path` (pretrained) or `config` (random init)"
+                "model.policy: give exactly one of `name_or_path` (pretrained) or `config` (random init)"
             )
         if self.dtype not in DTYPES:
-            raise ValueError(f"policy.dtype: {self.dtype!r} is not one of {sorted(DTYPES)}")
+            raise ValueError(f"model.policy.dtype={self.dtype}: not one of {', '.join(DTYPES)}")
         if self.load_in_4bit and self.lora is None:
-            raise ValueError("policy.load_in_4bit: 4-bit base weights cannot be trained; add `policy.lora`")
+            raise ValueError(
+                "model.policy.load_in_4bit=true: 4-bit base weights cannot be trained; add `model.policy.lora`"
+            )
         if self.config is not None and "model_type" not in self.config:
-            raise ValueError("policy.config: needs `model_type` (e.g. qwen2, llama)")
+            raise ValueError("model.policy.config: needs `model_type` (e.g. qwen2, llama)")
         if self.tokenizer is None and self.name_or_path is None:
             raise ValueError(
-                "policy.tokenizer: a model built from `config` needs a tokenizer path or 'synthetic'"
+                "model.policy.tokenizer: a model built from `config` needs a tokenizer path or 'synthetic'"
             )
 
 
@@ -106,11 +110,12 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
 
 
-def resolve_pretrained(loader, name: str, **kwargs):
-    """Call `loader.from_pretrained(name)`, from a local path or cache first, the hub only if it answers."""
+def resolve_pretrained(loader, name: str, option: str = "model.policy.name_or_path", **kwargs):
+    """Call `loader.from_pretrained(name)`, from a local path or cache first, the hub only if it answers.
+    Errors name `option`, the config option that gave `name`."""
     if looks_local(name):
         if not Path(name).expanduser().exists():
-            raise FileNotFoundError(f"{name}: no such file or folder")
+            raise FileNotFoundError(f"{option}={name}: no such file or folder")
         return loader.from_pretrained(str(Path(name).expanduser()), **kwargs)
     try:
         return loader.from_pretrained(name, local_files_only=True, **kwargs)
@@ -118,9 +123,9 @@ def resolve_pretrained(loader, name: str, **kwargs):
         pass
     if _offline() or not _hub_reachable():
         raise HubUnreachableError(
-            f"{name!r} is not a local directory, is not in the Hugging Face cache, and the hub "
-            "cannot be reached (offline). Pass a local path, download it beforehand, or, with "
-            "network, unset HF_HUB_OFFLINE."
+            f"{option}={name}: not a local folder, not in the Hugging Face cache, and the hub "
+            "cannot be reached (offline); pass a local path, download it beforehand, or, with "
+            "network, unset HF_HUB_OFFLINE"
         )
     return loader.from_pretrained(name, **kwargs)
 
@@ -133,7 +138,8 @@ def load_tokenizer(spec: PolicyConfig) -> PreTrainedTokenizerBase:
 
         tokenizer = synthetic_tokenizer()
     else:
-        tokenizer = resolve_pretrained(AutoTokenizer, name, trust_remote_code=spec.trust_remote_code)
+        option = "model.policy.tokenizer" if spec.tokenizer else "model.policy.name_or_path"
+        tokenizer = resolve_pretrained(AutoTokenizer, name, option, trust_remote_code=spec.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -151,7 +157,7 @@ def load_policy(spec: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
         config_kwargs.setdefault("vocab_size", len(tokenizer))
         if config_kwargs["vocab_size"] < len(tokenizer):
             raise ValueError(
-                f"policy.config.vocab_size={config_kwargs['vocab_size']} is smaller than the "
+                f"model.policy.config.vocab_size={config_kwargs['vocab_size']} is smaller than the "
                 f"tokenizer's {len(tokenizer)} tokens"
             )
         config_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -162,6 +168,7 @@ def load_policy(spec: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
         if spec.load_in_4bit:
             kwargs["quantization_config"] = _four_bit_config(dtype)
         model = resolve_pretrained(AutoModelForCausalLM, spec.name_or_path, **kwargs)
+    model.train()  # from_pretrained returns a model in eval mode; training starts in train mode
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
 
@@ -225,15 +232,54 @@ def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
     return get_base() if callable(get_base) else model
 
 
-def adapters_disabled(policy: torch.nn.Module):
-    """The KL reference policy: the same model with its LoRA adapters switched off (no second copy)."""
-    disable = getattr(policy, "disable_adapter", None)
-    if not callable(disable):
-        raise ValueError(
-            "policy_loss.beta > 0 needs a reference policy: use `policy.lora` (the base model with "
-            "adapters disabled is the reference)"
+@contextmanager
+def adapters_disabled(policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """The KL reference of a LoRA policy: the same model with its adapters switched off (no copy)."""
+    with policy.disable_adapter():
+        yield policy
+
+
+class FrozenReference:
+    """The KL reference of a fully fine-tuned policy: a frozen copy of it, taken the first time it
+    is asked for (the first RL iteration: the policy after the warm-up), as verl and TRL keep one.
+
+    It costs one more copy of the weights (no gradients, no optimizer state). Its weights are
+    part of the run state (`state_dict`), so a resumed run keeps the same reference.
+    """
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+
+    @contextmanager
+    def __call__(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if self.model is None:
+            from egspo.distributed import is_sharded
+
+            if is_sharded(policy):
+                raise ValueError(
+                    "policy_loss.beta > 0 under FSDP needs `policy.lora` (the reference is then the base "
+                    "with adapters disabled); a frozen copy of a sharded model is not supported"
+                )
+            self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        yield self.model
+
+    def state_dict(self) -> dict[str, torch.Tensor] | None:
+        return (
+            None if self.model is None else {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         )
-    return disable()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor] | None, policy: torch.nn.Module) -> None:
+        if state is None:
+            return
+        self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        self.model.load_state_dict(state)
+
+
+def kl_reference(
+    policy: torch.nn.Module,
+) -> Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]:
+    """How the KL reference is reached: adapters disabled for a LoRA policy, else a frozen copy."""
+    return adapters_disabled if callable(getattr(policy, "disable_adapter", None)) else FrozenReference()
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:

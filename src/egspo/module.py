@@ -22,22 +22,32 @@ from typing import Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
-from egspo.distributed import FSDPConfig, gather_variable, shard_policy
+from egspo.distributed import FSDPConfig, all_ranks_agree, gather_objects, gather_variable, shard_policy
 from egspo.evaluation import Evaluator, RunSummary, eval_seed
 from egspo.losses import EGSPOLoss, NLLLoss, PolicyLoss, SFTLoss
-from egspo.model import PolicyConfig, adapters_disabled, load_policy, load_tokenizer, stop_token_ids
+from egspo.model import (
+    FrozenReference,
+    PolicyConfig,
+    kl_reference,
+    load_policy,
+    load_tokenizer,
+    stop_token_ids,
+)
 from egspo.rewards import MathReward, RewardFunction
+from egspo.rewards.oger import OGERBonus
 from egspo.rollout.builder import ExperienceBuilder, clock
 from egspo.rollout.experience import Experience
+from egspo.rollout.exploration import UECConfig
+from egspo.rollout.replay import ReplayBuffer
 from egspo.run_state import capture_rng_states, restore_rng_snapshot, restore_rng_states, rng_snapshot
 from egspo.schedules import ConstantMu, MuSchedule, PhaseLearningRates
-from egspo.update import PolicyUpdate, clip_grad_norm
+from egspo.update import PolicyUpdate
 
 EXPERIENCE = "experience"
 ROLLOUT_STATS = "rollout_stats"
@@ -63,6 +73,8 @@ class HybridRLModule(LightningModule):
         optimizer: builds the optimizer (LightningCLI conventions).
         lr_scheduler, rl_lr_scheduler: build the learning-rate schedule of the warm-up and of the
             RL phase; each starts with its phase and steps once per optimizer step.
+        exploration_bonus: OGER's exploration bonus on correct samples (`egspo.rewards.oger.OGERBonus`).
+        uec: UEC-RL's targeted exploration and replay stabiliser (`egspo.rollout.exploration.UECConfig`).
         fsdp: FSDP2 options under `ModelParallelStrategy` (see `egspo.distributed`).
     """
 
@@ -83,6 +95,8 @@ class HybridRLModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         rl_lr_scheduler: LRSchedulerCallable | None = None,
+        exploration_bonus: OGERBonus | None = None,
+        uec: UECConfig | None = None,
         fsdp: FSDPConfig | None = None,
     ) -> None:
         super().__init__()
@@ -96,6 +110,12 @@ class HybridRLModule(LightningModule):
         self.mu = ConstantMu(mu) if isinstance(mu, (int, float)) else mu
         self.reward = reward or MathReward()
         self.fsdp_config = fsdp or FSDPConfig()
+        self.exploration_bonus, self.uec = exploration_bonus, uec
+        if uec is not None and self.rollout.dynamic_sampling:
+            raise ValueError(
+                "model.uec: UEC-RL explores the prompts whose samples all failed, which dynamic sampling "
+                "(model.rollout.dynamic_sampling) drops: use one of them"
+            )
         self.optimizer_factory = optimizer
         self.automatic_optimization = False
 
@@ -108,10 +128,11 @@ class HybridRLModule(LightningModule):
             self.update_config,
             temperature=self.rollout.temperature,
             backward=self.manual_backward,
-            clip=self._clip_gradients,
         )
         self.policy: torch.nn.Module | None = None
         self.experience_builder: ExperienceBuilder | None = None  # driven by RolloutCallback
+        self.reference = None  # the KL reference, when policy_loss.beta > 0
+        self.replay: ReplayBuffer | None = None  # UEC-RL's stabiliser
         self.evaluator: Evaluator | None = None
         self.summary = RunSummary()
         self.iteration = 0  # iterations completed
@@ -131,6 +152,15 @@ class HybridRLModule(LightningModule):
         self.update.policy_loss = loss
 
     # ----------------------------------------------------------------- set-up
+    def setup(self, stage: str) -> None:
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            # Lightning runs training_step inside the FSDP1 root's forward, where the update's
+            # several backward passes are not allowed (Lightning issues #19626, #19685).
+            raise ValueError(
+                "trainer.strategy: FSDPStrategy (FSDP1) cannot run egspo's update; use "
+                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see configs/fsdp_multinode.yaml"
+            )
+
     def configure_model(self) -> None:
         if self.policy is None:
             self.policy = load_policy(self.policy_spec, self.tokenizer)
@@ -140,16 +170,23 @@ class HybridRLModule(LightningModule):
             )
             stops = self.rollout.stop_token_ids or stop_token_ids(self.tokenizer, self.policy)
             pad = self.tokenizer.pad_token_id
+            replay = self.uec is not None and self.uec.replay_capacity > 0
+            self.reference = kl_reference(self.policy) if self.policy_loss.beta > 0 else None
             self.experience_builder = ExperienceBuilder(
                 self.encoder,
                 self.reward,
                 self.rollout,
                 stop_token_ids=stops,
                 pad_token_id=pad,
-                score_old=self.update_config.needs_old_logprobs,
-                reference=adapters_disabled if self.policy_loss.beta > 0 else None,
+                # The replay buffer keeps behaviour log-probs, so a replayed row has its importance ratio.
+                score_old=lambda n: replay or self.update_config.needs_old_logprobs(n),
+                reference=self.reference,
                 logprob_chunk_size=self.update_config.logprob_chunk_size,
+                exploration_bonus=self.exploration_bonus,
+                uec=self.uec,
             )
+            if replay:
+                self.replay = ReplayBuffer(self.uec.replay_capacity, self.uec.replay_min_advantage, pad)
             self.evaluator = Evaluator(
                 self.encoder,
                 self.reward,
@@ -239,6 +276,8 @@ class HybridRLModule(LightningModule):
             demonstrations=demonstrations,
             scheduler=self.learning_rates.scheduler,
         )
+        if self.replay is not None:
+            self._replay(experience, threshold)
         self.log("time/update", clock(self.device) - start)
 
         # Rollout statistics, averaged over ranks (every rank holds as many rollouts).
@@ -253,12 +292,27 @@ class HybridRLModule(LightningModule):
             self.log("rl/gate_threshold", float(threshold))
         return {"gate_threshold": threshold}
 
-    def _clip_gradients(self, policy: torch.nn.Module, max_norm: float) -> Tensor:
-        """Global-norm clipping over all shards: FSDP1 clips through its root module."""
-        wrapped = self.trainer.strategy.model
-        if isinstance(wrapped, FullyShardedDataParallel):
-            return wrapped.clip_grad_norm_(max_norm)
-        return clip_grad_norm(policy, max_norm)
+    def _replay(self, experience: Experience, threshold: Tensor | None) -> None:
+        """UEC-RL's stabiliser: keep this batch's high-advantage samples; every `replay_every`
+        iterations, one update on the buffer, with importance ratios against the sampling policy."""
+        temperature = self.rollout.temperature if experience.temperature is None else experience.temperature
+        self.replay.add(experience, temperature=temperature, iteration=self.rl_iteration)
+        size = self.uec.replay_batch_size
+        ready = len(self.replay) >= (size or 1)
+        if not (self.uec.replay_due(self.rl_iteration) and all_ranks_agree(ready)):
+            return
+        generator = torch.Generator().manual_seed(self.rl_iteration)  # resumable: a function of the iteration
+        index = None if size is None else self.replay.sample_index(size, generator)
+        batch = self.replay.batch(device=self.device, index=index)
+        batch.temperature = self.replay.row_temperatures(index=index).to(self.device)
+        steps = self.update.rl_iteration(
+            self.policy, self.optimizers(), batch, threshold=threshold, mini_batch_size=len(batch),
+            scheduler=self.learning_rates.scheduler,
+        )  # fmt: skip
+        self.log_dict(
+            {f"replay/{k}": _mean(steps, k) for k in steps[-1]} | self.replay.metrics(self.rl_iteration)
+        )
+        return []
 
     # ----------------------------------------------------------------- evaluation
     def on_validation_start(self) -> None:
@@ -325,6 +379,8 @@ def run_state(module: HybridRLModule) -> dict:
         "policy_loss": {"class": type(loss).__name__, "state": loss.state_dict()},
         "prompts_over_length": module.experience_builder.prompts_over_length,
         "learning_rates": module.learning_rates.state_dict(),
+        "reference": module.reference.state_dict() if isinstance(module.reference, FrozenReference) else None,
+        "replay": gather_objects(module.replay.state_dict()) if module.replay is not None else None,
         "rng": capture_rng_states(),
     }
 
@@ -342,6 +398,10 @@ def restore_run_state(module: HybridRLModule, checkpoint: dict) -> None:
         module.policy_loss.load_state_dict(state["policy_loss"]["state"])
     module.experience_builder.prompts_over_length = state["prompts_over_length"]
     module.learning_rates.load_state_dict(state["learning_rates"])
+    if isinstance(module.reference, FrozenReference):
+        module.reference.load_state_dict(state.get("reference"), module.policy)
+    if module.replay is not None and state.get("replay") is not None:
+        module.replay.load_state_dict(state["replay"][module.global_rank])
     module.rng_to_restore = state["rng"]
 
 

@@ -100,14 +100,16 @@ class PolicyUpdate:
         mu: float = 0.0,
         demonstrations: EncodedDemonstrations | None = None,
         scheduler: LRScheduler | None = None,
+        mini_batch_size: int | None = None,
     ) -> list[Metrics]:
         """`ppo_epochs` passes over shuffled mini-batches of `experience`, one optimizer step each.
 
         `threshold` is the gate threshold of this rollout batch (`policy_loss.prepare`), the same
         for every mini-batch. With `mu > 0`, every step also takes the SFT loss on `demonstrations`.
+        `mini_batch_size` overrides the configured one (a replay batch has its own size).
         Returns the metrics of every step, in order.
         """
-        size = self.config.mini_batch_size or len(experience)
+        size = mini_batch_size or self.config.mini_batch_size or len(experience)
         results = []
         for _ in range(self.config.ppo_epochs):
             for minibatch in experience.minibatches(size):
@@ -150,7 +152,7 @@ class PolicyUpdate:
                 mb.input_ids,
                 mb.attention_mask,
                 mb.score_mask(),
-                temperature=self.temperature,
+                temperature=self.temperature if mb.temperature is None else float(mb.temperature[0]),
                 chunk_size=self.config.logprob_chunk_size,
                 with_polarity=needs_polarity,
             )

@@ -84,6 +84,14 @@ class IterationCheckpoint(ModelCheckpoint):
             self._saved_at = None
             self.save(trainer, int(pl_module.iteration))
 
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # Written at a phase's last batch, the loop state says "last batch of the epoch", and a
+        # resumed epoch with that flag ends at once even when the phase was made longer. egspo's
+        # loaders know the phase length themselves, so the flag is dropped (one comment, one line).
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if isinstance(progress, dict) and "is_last_batch" in progress:
+            progress["is_last_batch"] = False
+
     def save(self, trainer: Trainer, iteration: int, numbered: bool = False) -> None:
         """Write `last.ckpt` (and `iteration=N.ckpt` when `numbered`) now, between two iterations."""
         if self._saved_at == iteration and not numbered:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
+from functools import partial
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from torch.distributed.fsdp import FullyShardedDataParallel
 
 
 class RolloutCallback(Callback):
@@ -15,7 +13,9 @@ class RolloutCallback(Callback):
     The work is the module's `experience_builder` (`egspo.rollout.ExperienceBuilder`, a plain
     component): sample, reward, group advantages, and the scoring passes the update needs.
     The result goes into the batch under `egspo.module.EXPERIENCE` (and its statistics under
-    `ROLLOUT_STATS`), the one interface between this callback and the step. Sampling runs under
+    `ROLLOUT_STATS`), the one interface between this callback and the step. With dynamic sampling
+    the data module's `refill_prompts(iteration, round)` supplies further prompts; its
+    `teacher_responses` are the offline trajectories of an exploration bonus. Sampling runs under
     the trainer's precision context, as the training step's scoring does, so that both see the
     same numerics. The module supplies this callback itself (`configure_callbacks`), so a run
     cannot forget it.
@@ -28,19 +28,15 @@ class RolloutCallback(Callback):
 
         if batch["phase"] != "rl":
             return
-        with trainer.precision_plugin.forward_context(), _full_parameters(trainer.strategy.model):
+        refill = getattr(trainer.datamodule, "refill_prompts", None)
+        with trainer.precision_plugin.forward_context():
             experience, stats = pl_module.experience_builder.build(
-                pl_module.policy, batch["prompts"], batch["answers"]
+                pl_module.policy,
+                batch["prompts"],
+                batch["answers"],
+                refill=None if refill is None else partial(refill, batch["iteration"]),
+                rl_iteration=pl_module.rl_iteration,
+                teachers=getattr(trainer.datamodule, "teacher_responses", None),
             )
         batch[EXPERIENCE] = experience
         batch[ROLLOUT_STATS] = stats
-
-
-def _full_parameters(wrapped: torch.nn.Module | None) -> AbstractContextManager:
-    """FSDP1 shards flat parameters outside its own forward; sampling needs them whole.
-
-    (FSDP2 units gather their parameters in their forward hooks, DDP holds them whole.)
-    """
-    if isinstance(wrapped, FullyShardedDataParallel):
-        return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
-    return nullcontext()

@@ -10,19 +10,30 @@ format. Each phase (SFT warm-up, RL) is one training epoch, one batch per iterat
 Batch ``i`` is a pure function of (seed, i, rank, world_size); a resumed run continues with
 exactly the batches it would have seen (`PhaseBatches` is resumable). Eval sets are the
 validation loaders, one per set, run by Lightning after each phase.
+
+When the data loads, the gold answers of the RL prompts and of every eval set are audited once
+(`egspo.rewards.audit_golds`): golds the reward can never pay (unparsable) or pays only for their
+own text (lossy) are counted and shown, and, as the `gold_audit` option says, kept, dropped or
+refused. A prompt whose gold cannot be verified teaches nothing and scores every eval answer 0.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from egspo.data.records import DataError, DataSource, Example
 from egspo.data.synthetic import SyntheticArithmetic
+from egspo.rewards import GoldAudit, MathReward, audit_golds
+
+GoldAuditMode = Literal["report", "drop", "fail"]
+PROMPT_SET = "prompts"  # the RL prompts' name in the audit's metrics, `data/prompts/...`
 
 
 def _stream_seed(seed: int, stream: str, epoch: int) -> int:
@@ -195,6 +206,12 @@ class HybridDataModule(L.LightningDataModule):
         eval_size: keep the first ``eval_size`` records of each eval set.
         eval_batch_size: prompts per validation batch.
         seed: seeds the sampling order (independent of the global seed).
+        gold_audit: what to do with RL prompts and eval records whose gold answer the reward
+            cannot verify in full (unparsable: never paid; lossy: paid only for its own text),
+            found when the data loads. Every mode counts them and shows examples (log, and
+            ``data/<set>/unparsable_golds``, ``data/<set>/lossy_golds`` and a text summary in
+            the trainer's logger); "drop" also leaves them out (``data/<set>/dropped_prompts``),
+            "fail" stops the run naming the set and the first such gold.
 
     Rank and world size come from the attached trainer, or from ``rank``/``world_size``
     attributes when used without one.
@@ -213,6 +230,7 @@ class HybridDataModule(L.LightningDataModule):
         eval_size: int | None = None,
         eval_batch_size: int = 64,
         seed: int = 0,
+        gold_audit: GoldAuditMode = "report",
     ) -> None:
         super().__init__()
         if synthetic is not None and (expert is not None or prompts is not None):
@@ -229,11 +247,18 @@ class HybridDataModule(L.LightningDataModule):
         self.eval_sources = dict(eval_sets or {})
         if synthetic is not None and "synthetic" in self.eval_sources:
             raise ValueError("eval set name 'synthetic' is taken by the synthetic task")
+        if PROMPT_SET in self.eval_sources:
+            raise ValueError(
+                f"data.eval_sets.{PROMPT_SET}: the name is taken by the RL prompts' data/{PROMPT_SET}/* metrics"
+            )
         self.synthetic = synthetic
         self.sft_iterations, self.rl_iterations = sft_iterations, rl_iterations
         self.prompts_per_step, self.expert_per_step = prompts_per_step, expert_per_step
         self.eval_size, self.eval_batch_size, self.seed = eval_size, eval_batch_size, seed
+        self.gold_audit = gold_audit
+        self.gold_audits: dict[str, GoldAudit] = {}
         self._train_batches: PhaseBatches | None = None
+        self._teachers: dict[str, list[str]] | None = None
         self.rank: int | None = None
         self.world_size: int | None = None
         self.expert_examples: list[Example] = []
@@ -268,6 +293,7 @@ class HybridDataModule(L.LightningDataModule):
         for name, source in self.eval_sources.items():
             examples = source.load()
             self.eval_examples[name] = examples[: self.eval_size] if self.eval_size else examples
+        self._audit_golds()
         missing = [i for i, e in enumerate(self.expert_examples) if not e.response]
         if self.expert_per_step and missing:
             raise DataError(
@@ -278,6 +304,87 @@ class HybridDataModule(L.LightningDataModule):
         if self.prompts_per_step and not self.prompt_examples:
             raise DataError("prompts_per_step > 0 but no prompt data was given")
         self._loaded = True
+
+    def _audit_golds(self) -> None:
+        """Audit the golds of the RL prompts and every eval set, then report, drop or fail.
+
+        Rank zero parses the golds (with the module's reward when it is a math reward, so its
+        cache is warm for training) and hands the result to every rank: dropping must leave all
+        ranks the same prompts even if a verification timed out on one of them.
+        """
+        sets = {PROMPT_SET: self.prompt_examples, **self.eval_examples}
+        sets = {name: examples for name, examples in sets.items() if examples}
+        if self.trainer is None:
+            audits = self._run_audits(sets)
+        else:
+            audits = self._run_audits(sets) if self.trainer.is_global_zero else None
+            audits = self.trainer.strategy.broadcast(audits, src=0)
+        self.gold_audits = audits
+        for name, audit in audits.items():
+            bad = [i for i, ok in enumerate(audit.ok) if not ok]
+            if bad and self.gold_audit == "fail":
+                first = bad[0]
+                raise DataError(
+                    f"data.gold_audit=fail: {self._describe(name)} record {first + 1}: answer "
+                    f"{sets[name][first].answer!r} is {audit.flags[first]} ({audit.reasons[first]}); "
+                    f"{audit.unparsable} unparsable and {audit.lossy} lossy of {len(audit.flags)} golds"
+                )
+            if bad and self.gold_audit == "drop":
+                kept = [e for e, ok in zip(sets[name], audit.ok, strict=True) if ok]
+                if not kept:
+                    raise DataError(
+                        f"data.gold_audit=drop: {self._describe(name)}: none of its {len(bad)} golds can be "
+                        "verified in full, nothing is left"
+                    )
+                if name == PROMPT_SET:
+                    self.prompt_examples = kept
+                else:
+                    self.eval_examples[name] = kept
+            self._report_audit(name, audit, dropped=len(bad) if self.gold_audit == "drop" else None)
+
+    def _run_audits(self, sets: dict[str, list[Example]]) -> dict[str, GoldAudit]:
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        reward = getattr(module, "reward", None)
+        own = not isinstance(reward, MathReward)
+        reward = MathReward() if own else reward
+        try:
+            return {
+                name: audit_golds([e.answer for e in examples], reward) for name, examples in sets.items()
+            }
+        finally:
+            if own:
+                reward.close()
+
+    def _describe(self, name: str) -> str:
+        """The option and file of a set, for messages: `data.prompts (/data/train.jsonl)`."""
+        if self.synthetic is not None and name in (PROMPT_SET, "synthetic"):
+            return f"data.synthetic ({'train' if name == PROMPT_SET else 'test'} split)"
+        source = self.prompt_source if name == PROMPT_SET else self.eval_sources[name]
+        option = "data.prompts" if name == PROMPT_SET else f"data.eval_sets.{name}"
+        split = f"[{source.split}]" if source.split else ""
+        return f"{option} ({source.path}{split})"
+
+    def _report_audit(self, name: str, audit: GoldAudit, dropped: int | None) -> None:
+        """The counts and examples in the log (rank zero) and in the trainer's loggers."""
+        summary = f"{self._describe(name)}: {audit.summary()}"
+        if dropped is not None:
+            summary += f"\n  dropped {dropped} of {len(audit.flags)} (data.gold_audit=drop)"
+        (rank_zero_warn if audit.unparsable or audit.lossy else rank_zero_info)(summary)
+        trainer = self.trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        metrics = {
+            f"data/{name}/unparsable_golds": float(audit.unparsable),
+            f"data/{name}/lossy_golds": float(audit.lossy),
+        }
+        if dropped is not None:
+            metrics[f"data/{name}/dropped_prompts"] = float(dropped)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            add_text = getattr(logger.experiment, "add_text", None)  # TensorBoard's SummaryWriter
+            if callable(add_text):
+                text = "\n".join(f"    {line}" for line in summary.splitlines())  # markdown: verbatim
+                add_text(f"data/{name}/gold_audit", text, trainer.global_step)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.rank is not None:
@@ -300,6 +407,31 @@ class HybridDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
+
+    @property
+    def teacher_responses(self) -> dict[str, list[str]]:
+        """Each question's expert responses (the offline trajectories of an exploration bonus);
+        several records of one question are its several teachers."""
+        if self._teachers is None:
+            self._teachers = {}
+            for e in self.expert_examples:
+                if e.response:
+                    self._teachers.setdefault(e.prompt, []).append(e.response)
+        return self._teachers
+
+    def refill_prompts(self, iteration: int, round: int) -> tuple[list[str], list[str]]:
+        """Further RL prompts of `iteration` for sampling round `round` >= 1 (dynamic sampling).
+
+        Each round is its own seeded stream, sharded over ranks like the main batch, so the
+        prompts are a pure function of (seed, iteration, round, rank) and a resumed run draws
+        the same ones.
+        """
+        rank, world_size = self._rank_and_world()
+        sampler = EpochSampler(
+            len(self.prompt_examples), self.prompts_per_step, world_size, self.seed, f"refill/{round}"
+        )
+        examples = [self.prompt_examples[i] for i in sampler.indices(iteration, rank)]
+        return [e.prompt for e in examples], [e.answer for e in examples]
 
     def train_dataloader(self) -> PhaseBatches:
         """The batches of the phase of the current epoch (the trainer reloads it every epoch)."""

@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from egspo.advantages import group_advantages
+from egspo.distributed import any_rank
 from egspo.losses import masked_mean
+from egspo.model import unwrap_causal_lm
 from egspo.rewards import RewardFunction, RewardOutput
+from egspo.rewards.oger import OGERBonus, mean_pool_embeddings
 from egspo.rollout.engine import Rollout, SamplingParams
-from egspo.rollout.experience import Experience
+from egspo.rollout.experience import Experience, concat_rows
+from egspo.rollout.exploration import (
+    UECConfig,
+    exploration_advantages,
+    hard_prompts,
+    select_exploration_samples,
+)
+from egspo.rollout.groups import Groups, Refill, constant_groups, dynamic_sampling, overlong_penalty
 from egspo.scoring import token_logprobs
 
 if TYPE_CHECKING:
@@ -26,21 +38,25 @@ if TYPE_CHECKING:
 class ExperienceBuilder:
     """Turns a batch of questions into an `Experience` for one RL iteration.
 
-    In order: encode the prompts; sample `num_generations` completions per prompt with the
-    engine; decode and reward them; group-relative advantages; then, only when the update
-    needs them, the old-policy log-probs (off-policy updates) and the reference log-probs
-    (KL penalty). Token entropies come from the engine, which records them while sampling;
-    an engine that does not gets them from the old-policy scoring pass.
+    In order: sample `num_generations` completions per prompt with the engine and reward them;
+    with dynamic sampling (DAPO), replace prompts whose samples all scored alike with fresh ones
+    until the batch is full or `max_num_gen_batches` rounds are spent; shape the rewards (soft
+    overlong punishment); group-relative advantages; mark truncated samples out of the loss
+    (overlong filtering); then, only when the update needs them, the old-policy log-probs
+    (off-policy updates) and the reference log-probs (KL penalty). Token entropies come from the
+    engine, which records them while sampling; an engine that does not gets them from a scoring pass.
 
     Args:
         encoder: prompt formatting and tokenisation.
         reward: scores decoded completions against gold answers.
-        config: sampling and advantage options.
+        config: sampling, advantage and sample-level options.
         stop_token_ids, pad_token_id: what ends a sample and pads a row.
         score_old: whether a rollout batch of this many sequences needs old log-probs (the update
             makes several optimizer steps on it).
-        reference: a context in which the policy acts as the KL reference (None: no KL term).
+        reference: a context that yields the KL reference model for a policy (None: no KL term).
         logprob_chunk_size: rows per chunk of the fused log-prob op.
+        exploration_bonus: OGER's bonus, added to the verifiable reward of correct samples.
+        uec: UEC-RL's targeted exploration of hard prompts (`egspo.rollout.exploration.UECConfig`).
     """
 
     def __init__(
@@ -52,8 +68,10 @@ class ExperienceBuilder:
         stop_token_ids: list[int],
         pad_token_id: int,
         score_old: Callable[[int], bool] = lambda rollout_batch: False,
-        reference: Callable[[torch.nn.Module], AbstractContextManager] | None = None,
+        reference: Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]] | None = None,
         logprob_chunk_size: int | None = None,
+        exploration_bonus: OGERBonus | None = None,
+        uec: UECConfig | None = None,
     ) -> None:
         self.encoder = encoder
         self.reward = reward
@@ -70,84 +88,261 @@ class ExperienceBuilder:
             stop_token_ids=tuple(stop_token_ids),
             pad_token_id=pad_token_id,
         )
+        self.exploration_bonus = exploration_bonus
+        self.uec = uec
+        self.exploration = (
+            None
+            if uec is None
+            else replace(
+                self.sampling,
+                temperature=uec.exploration_temperature,
+                num_samples=uec.exploration_samples or config.num_generations,
+            )
+        )
         self.prompts_over_length = 0
 
     @torch.no_grad()
     def build(
-        self, policy: torch.nn.Module, questions: list[str], answers: list[str]
+        self,
+        policy: torch.nn.Module,
+        questions: list[str],
+        answers: list[str],
+        refill: Refill | None = None,
+        *,
+        rl_iteration: int = 0,
+        teachers: Mapping[str, Sequence[str]] | None = None,
     ) -> tuple[Experience, dict[str, float]]:
-        """The experience of `questions` and its statistics (rewards, data counts, time split)."""
+        """The experience of `questions` (and of refills, with dynamic sampling) and its statistics.
+
+        `rl_iteration` drives the exploration bonus's schedule; `teachers` maps a question to its
+        expert responses (the offline trajectories the bonus measures divergence from).
+        """
         device = next(policy.parameters()).device
+        g = self.config.num_generations
         t0 = clock(device)
+        groups = self.sample(policy, questions, answers)
+        stats = {"rollout/all_equal_groups": constant_groups(groups.rewards, g).float().mean().item()}
+        excluded = torch.zeros_like(groups.correct)
+        if self.config.dynamic_sampling:
+            sample = partial(self.sample, policy)
+            groups, excluded, dynamic = dynamic_sampling(
+                sample, groups, refill, g, self.config.max_num_gen_batches, self.sampling.pad_token_id
+            )
+            stats.update(dynamic)
+        t1 = clock(device)
+        rollout = groups.rollout
+        old_logprobs, entropy, ref_logprobs = self._score(policy, rollout, self.config.temperature)
+        rewards = self._shaped_rewards(policy, groups, entropy, rl_iteration, teachers or {}, stats)
+        if self.config.mask_truncated_completions:
+            excluded = excluded | rollout.truncated
+        experience = Experience(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            completion_mask=rollout.completion_mask.float(),
+            entropy=entropy,
+            advantages=group_advantages(rewards, g, scale=self.config.advantage_scale),
+            rewards=rewards,
+            truncated=rollout.truncated,
+            prompt_length=rollout.prompt_length,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            correct=groups.correct,
+            excluded=excluded,
+            completions=groups.completions,
+        )
+        if self.uec is not None:
+            experience = self._explore(policy, groups, experience, stats)
+        if not bool(experience.excluded.any()):
+            experience.excluded = None
+        t2 = clock(device)
+        lengths = rollout.completion_mask.sum(1)
+        stats.update(groups.metrics)
+        stats.update(
+            {
+                "reward": float(rewards.mean()),
+                "entropy": float(masked_mean(entropy, rollout.completion_mask)),
+                "train/accuracy": float(groups.correct.float().mean()),
+                "train/response_length": float(lengths.float().mean()),
+                "train/truncation_rate": float(rollout.truncated.float().mean()),
+                "rollout/excluded_samples": float(excluded.float().mean()),
+                "data/prompts_over_length": float(groups.prompts_over_length),
+                "data/prompts_over_length_total": float(self.prompts_over_length),
+                "time/generation": t1 - t0,
+                "time/scoring": t2 - t1,
+            }
+        )
+        return experience, stats
+
+    def _shaped_rewards(
+        self,
+        policy: torch.nn.Module,
+        groups: Groups,
+        entropy: Tensor,
+        rl_iteration: int,
+        teachers: Mapping[str, Sequence[str]],
+        stats: dict[str, float],
+    ) -> Tensor:
+        """The verifiable reward plus the exploration bonus (OGER) and the soft overlong punishment."""
+        rewards = groups.rewards
+        if self.exploration_bonus is not None:
+            rollout = groups.rollout
+            weight = unwrap_causal_lm(policy).get_input_embeddings().weight
+            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight  # FSDP2: every rank
+            pooled = mean_pool_embeddings(rollout.completion_ids, rollout.completion_mask, weight)
+            prompts = groups.questions[:: self.config.num_generations]
+            references = [list(teachers.get(q, ())) for q in prompts]
+            flat = [t for texts in references for t in texts]
+            teacher = pooled.new_zeros(0, pooled.shape[1])
+            if flat:
+                encoded = self.encoder.tokenizer(
+                    flat, add_special_tokens=False, padding=True, return_tensors="pt"
+                )
+                ids, mask = (
+                    encoded["input_ids"].to(pooled.device),
+                    encoded["attention_mask"].to(pooled.device),
+                )
+                teacher = mean_pool_embeddings(ids, mask, weight)
+            bonus, bonus_stats = self.exploration_bonus(
+                pooled,
+                list(teacher.split([len(t) for t in references])),
+                entropy=entropy,
+                mask=rollout.completion_mask,
+                rewards=rewards,
+                correct=groups.correct,
+                group_size=self.config.num_generations,
+                rl_iteration=rl_iteration,
+            )
+            rewards = rewards + bonus
+            stats.update(bonus_stats)
+        if self.config.overlong_buffer_len:
+            lengths = groups.rollout.completion_mask.sum(1)
+            penalty = overlong_penalty(
+                lengths, self.config.max_completion_length, self.config.overlong_buffer_len,
+                self.config.overlong_penalty_factor,
+            )  # fmt: skip
+            rewards = rewards + penalty
+            stats["reward/overlong_penalty"] = float(penalty.mean())
+        return rewards
+
+    def _explore(
+        self, policy: torch.nn.Module, groups: Groups, experience: Experience, stats: dict[str, float]
+    ) -> Experience:
+        """UEC-RL's targeted exploration: `exploration_samples` more samples of each hard prompt at
+        `exploration_temperature`, scored at that temperature, joined to the batch.
+
+        Advantages of a hard prompt's regular and expanded samples are taken over the joint group;
+        regular rows are kept where their advantage is non-zero, expanded ones where it is >= 0
+        (the rules are `egspo.rollout.exploration`'s). Every process samples when any has a hard
+        prompt (a sharded model generates in lock-step): one without samples its first prompt and
+        discards it.
+        """
+        uec, g = self.uec, self.config.num_generations
+        hard = hard_prompts(groups.rewards, groups.correct, g, uec.hard_rule)
+        index = hard.nonzero().flatten().tolist()
+        regular_t = torch.full(
+            (len(experience),), float(self.config.temperature), device=experience.rewards.device
+        )
+        experience.temperature = regular_t
+        stats["uec/hard_prompts"] = len(index) / len(hard)
+        if not any_rank(bool(index)):
+            return experience
+        pick = index or [0]
+        expanded = self.sample(
+            policy,
+            [groups.questions[i * g] for i in pick],
+            [groups.answers[i * g] for i in pick],
+            self.exploration,
+        )
+        if not index:
+            return experience
+        gx = self.exploration.num_samples
+        advantages, expanded_advantages = exploration_advantages(
+            experience.rewards, expanded.rewards, hard, g, gx, scale=self.config.advantage_scale,
+            advantage_group=uec.advantage_group,
+        )  # fmt: skip
+        keep, keep_expanded = select_exploration_samples(
+            advantages, expanded_advantages, regular_keep=uec.regular_keep, expanded_keep=uec.expanded_keep
+        )
+        experience.advantages = advantages
+        experience.excluded = experience.excluded | ~keep
+        old, entropy, ref = self._score(policy, expanded.rollout, self.exploration.temperature)
+        rollout = expanded.rollout
+        explored = Experience(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            completion_mask=rollout.completion_mask.float(),
+            entropy=entropy,
+            advantages=expanded_advantages,
+            rewards=expanded.rewards,
+            truncated=rollout.truncated,
+            prompt_length=rollout.prompt_length,
+            old_logprobs=old if experience.old_logprobs is not None else None,
+            ref_logprobs=ref,
+            correct=expanded.correct,
+            excluded=~keep_expanded,
+            temperature=torch.full(
+                (len(rollout.truncated),), self.exploration.temperature, device=regular_t.device
+            ),
+            completions=expanded.completions,
+        )
+        stats["uec/expanded_success"] = float(expanded.correct.float().mean())
+        stats["uec/expanded_kept"] = float(keep_expanded.float().mean())
+        return concat_rows([experience, explored], self.sampling.pad_token_id)
+
+    def sample(
+        self,
+        policy: torch.nn.Module,
+        questions: list[str],
+        answers: list[str],
+        params: SamplingParams | None = None,
+    ) -> Groups:
+        """Rewarded samples of every question, `params.num_samples` each (default: the rollout's settings)."""
+        params = params or self.sampling
+        device = next(policy.parameters()).device
         prompts = self.encoder.prompts(questions, device)
         if prompts.over_length and not self.prompts_over_length:
             warnings.warn(
                 f"{prompts.over_length} of {len(questions)} prompts exceed model.prompt.max_prompt_length="
                 f"{self.encoder.config.max_prompt_length} tokens and lose their beginning; counted in "
                 "data/prompts_over_length(_total)",
-                stacklevel=2,
+                stacklevel=3,
             )
         self.prompts_over_length += prompts.over_length
-        rollout = self.config.engine.generate(
-            policy, prompts.input_ids, prompts.attention_mask, self.sampling
-        )
-        t1 = clock(device)
+        rollout = self.config.engine.generate(policy, prompts.input_ids, prompts.attention_mask, params)
         completions = self.encoder.tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-        repeated = [a for a in answers for _ in range(self.config.num_generations)]
+        repeated = [a for a in answers for _ in range(params.num_samples)]
+        start = time.perf_counter()
         rewarded = self.reward(completions, repeated)
-        rewards = rewarded.rewards.to(device, torch.float32)
-        advantages = group_advantages(rewards, self.config.num_generations, scale=self.config.advantage_scale)
-        t2 = clock(device)
-        old_logprobs, entropy, ref_logprobs = self._score(policy, rollout)
-        t3 = clock(device)
-        experience = Experience(
-            input_ids=rollout.input_ids,
-            attention_mask=rollout.attention_mask,
-            completion_mask=rollout.completion_mask.float(),
-            entropy=entropy,
-            advantages=advantages,
-            rewards=rewards,
-            truncated=rollout.truncated,
-            prompt_length=rollout.prompt_length,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            correct=correctness(rewarded).to(device),
+        metrics = {k: float(v) for k, v in rewarded.metrics.items()}
+        metrics["time/reward"] = time.perf_counter() - start
+        return Groups(
+            rollout=rollout,
+            questions=[q for q in questions for _ in range(params.num_samples)],
+            answers=repeated,
             completions=completions,
+            rewards=rewarded.rewards.to(device, torch.float32),
+            correct=correctness(rewarded).to(device),
+            metrics=metrics,
+            prompts_over_length=prompts.over_length,
         )
-        stats = {k: float(v) for k, v in rewarded.metrics.items()}
-        lengths = experience.completion_mask.sum(1)
-        stats.update(
-            {
-                "reward": float(rewards.mean()),
-                "entropy": float(masked_mean(experience.entropy, experience.completion_mask)),
-                "train/accuracy": float(experience.correct.float().mean()),
-                "train/response_length": float(lengths.float().mean()),
-                "train/truncation_rate": float(experience.truncated.float().mean()),
-                "data/prompts_over_length": float(prompts.over_length),
-                "data/prompts_over_length_total": float(self.prompts_over_length),
-                "time/generation": t1 - t0,
-                "time/reward": t2 - t1,
-                "time/scoring": t3 - t2,
-            }
-        )
-        return experience, stats
 
     def _score(
-        self, policy: torch.nn.Module, rollout: Rollout
+        self, policy: torch.nn.Module, rollout: Rollout, temperature: float
     ) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        """Old log-probs (when needed), token entropies, reference log-probs (when needed)."""
+        """Old log-probs (when needed), token entropies, reference log-probs (when needed), all at
+        the `temperature` the rollout was sampled at."""
         p = rollout.prompt_length
         score_mask = torch.cat(
             [rollout.completion_mask.new_zeros(rollout.input_ids.shape[0], p), rollout.completion_mask], dim=1
         )
 
-        def score() -> tuple[Tensor, Tensor]:
+        def score(model: torch.nn.Module = policy) -> tuple[Tensor, Tensor]:
             scores = token_logprobs(
-                policy,
+                model,
                 rollout.input_ids,
                 rollout.attention_mask,
                 score_mask,
-                temperature=self.config.temperature,
+                temperature=temperature,
                 chunk_size=self.logprob_chunk_size,
             )
             return scores[0][:, p:], scores[1][:, p:]
@@ -160,8 +355,8 @@ class ExperienceBuilder:
         if rollout.entropy is not None:
             entropy = rollout.entropy.float()
         if self.reference is not None:
-            with self.reference(policy):
-                ref_logprobs = score()[0]
+            with self.reference(policy) as reference:
+                ref_logprobs = score(reference)[0]
         return old_logprobs, entropy, ref_logprobs
 
 

@@ -1,0 +1,109 @@
+"""DAPO's sample-level techniques, available to every loss: dynamic sampling, overlong filtering,
+soft overlong punishment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_model import tiny_qwen2
+
+from egspo.config import PromptConfig, RolloutConfig
+from egspo.data.encoding import PromptEncoder
+from egspo.model import PolicyConfig, load_policy, stop_token_ids
+from egspo.rewards import RewardOutput
+from egspo.rollout import SharedPrefillEngine
+from egspo.rollout.builder import ExperienceBuilder
+from egspo.rollout.groups import overlong_penalty
+
+G = 4
+
+
+class AnswerKeyedReward:
+    """Gold "flat": every sample scores 0 (an all-equal group); gold "varied": samples alternate 0/1."""
+
+    def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
+        rewards = [0.0 if a == "flat" else float(i % 2) for i, a in enumerate(answers)]
+        return RewardOutput(rewards=torch.tensor(rewards))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_tokenizer):
+    torch.manual_seed(0)
+    return load_policy(PolicyConfig(config=tiny_qwen2(), tokenizer="synthetic"), tiny_tokenizer)
+
+
+def _builder(policy, tokenizer, **options) -> ExperienceBuilder:
+    config = RolloutConfig(engine=SharedPrefillEngine(), num_generations=G, max_completion_length=6, **options)
+    return ExperienceBuilder(
+        PromptEncoder(tokenizer, PromptConfig()),
+        AnswerKeyedReward(),
+        config,
+        stop_token_ids=stop_token_ids(tokenizer, policy),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _refill(answer: str, calls: list[int]):
+    def refill(round: int) -> tuple[list[str], list[str]]:
+        calls.append(round)
+        questions = [f"Refill question {round}.{i} with some words" for i in range(3)]
+        return questions, [answer] * 3
+
+    return refill
+
+
+def test_dynamic_sampling_replaces_all_equal_groups_with_fresh_prompts(policy, tiny_tokenizer):
+    builder = _builder(policy, tiny_tokenizer, dynamic_sampling=True, max_num_gen_batches=3)
+    calls: list[int] = []
+    questions = ["Mia has 3 marbles.", "A much longer first question with many more words in it.", "Leo has 9."]
+    experience, stats = builder.build(policy, questions, ["flat", "varied", "flat"], refill=_refill("varied", calls))
+    assert calls == [1]  # one refill round brought enough informative prompts
+    assert len(experience) == 3 * G  # the batch keeps its size
+    grouped = experience.rewards.view(-1, G)
+    assert bool((grouped.amax(1) > grouped.amin(1)).all())  # every group carries signal
+    assert experience.excluded is None
+    assert stats["rollout/all_equal_groups"] == pytest.approx(2 / 3)  # before the refill
+    assert stats["rollout/informative_groups"] == 1.0 and stats["rollout/round_cap_hit"] == 0.0
+    # rows of different rounds were re-padded into one layout
+    assert experience.attention_mask.sum(1).min() > 0
+    assert experience.completion_mask.shape[1] == experience.input_ids.shape[1] - experience.prompt_length
+
+
+def test_dynamic_sampling_caps_its_rounds_and_keeps_filler_groups_out_of_the_loss(policy, tiny_tokenizer):
+    builder = _builder(policy, tiny_tokenizer, dynamic_sampling=True, max_num_gen_batches=3)
+    calls: list[int] = []
+    experience, stats = builder.build(
+        policy, ["q one", "q two", "q three"], ["varied", "flat", "flat"], refill=_refill("flat", calls)
+    )
+    assert calls == [1, 2]  # the cap: 3 rounds in all, logged
+    assert stats["rollout/sampling_rounds"] == 3.0 and stats["rollout/round_cap_hit"] == 1.0
+    assert experience.excluded.tolist() == [False] * G + [True] * (2 * G)
+    assert experience.loss_mask[G:].sum() == 0 and experience.loss_mask[:G].sum() > 0
+
+
+def test_overlong_filtering_keeps_truncated_samples_out_of_the_loss(policy, tiny_tokenizer):
+    builder = _builder(policy, tiny_tokenizer, mask_truncated_completions=True)
+    experience, stats = builder.build(policy, ["q one", "q two"], ["varied", "varied"])
+    assert experience.truncated.any()  # an untrained model rarely stops within 6 tokens
+    excluded = experience.excluded if experience.excluded is not None else torch.zeros(len(experience), dtype=bool)
+    assert torch.equal(excluded, experience.truncated)
+    assert experience.loss_mask[experience.truncated].sum() == 0
+    assert stats["rollout/excluded_samples"] == pytest.approx(experience.truncated.float().mean().item())
+
+
+def test_soft_overlong_punishment_hand_values():
+    lengths = torch.tensor([10, 16, 20, 24, 32])
+    penalty = overlong_penalty(lengths, max_length=32, buffer=16, factor=1.0)
+    torch.testing.assert_close(penalty, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0]))
+    torch.testing.assert_close(overlong_penalty(lengths, 32, 16, factor=0.5), penalty * 0.5)
+
+
+def test_soft_overlong_punishment_enters_the_reward_and_the_advantages(policy, tiny_tokenizer):
+    builder = _builder(policy, tiny_tokenizer, overlong_buffer_len=4, overlong_penalty_factor=1.0)
+    torch.manual_seed(3)
+    experience, stats = builder.build(policy, ["q one", "q two"], ["flat", "flat"])
+    lengths = experience.completion_mask.sum(1)
+    expected = overlong_penalty(lengths, 6, 4, 1.0)
+    torch.testing.assert_close(experience.rewards, expected)  # the verifiable reward is 0 here
+    assert stats["reward/overlong_penalty"] == pytest.approx(float(expected.mean()))
+    assert experience.correct.sum() == 0  # shaping never changes what counts as correct
