@@ -1,21 +1,24 @@
-"""Generation benchmark: `transformers.generate` vs egspo's SharedPrefillEngine, side by side in one process.
+"""Generation benchmark: HF generate vs egspo's SharedPrefillEngine (and continuous batching), side by side.
 
-Both engines (and, with `--device cuda`, `transformers`' continuous batching) sample the same
-left-padded prompts of varied lengths with the same sampling parameters from the same
-random-weight model; torch is reseeded before every call; the engines alternate (ABBA order) over
-the repeats, after one untimed warm-up each. Completion lengths vary as a trained policy's do: a
+All engines sample the same left-padded prompts of varied lengths with the same sampling
+parameters from the same random-weight model in one process; torch is reseeded before every call
+(the same seed for every engine in a repeat); the engines alternate (ABBA order) over the
+repeats, after one untimed warm-up each. `SharedPrefillEngine` draws `generate`'s noise, so in a
+repeat it samples exactly HF generate's completions (reported: identical samples in k of n
+repeats); continuous batching draws its own. Completion lengths vary as a trained policy's do: a
 forward hook adds a bias to the EOS logit, set so that a sample stops at each step with
 probability `--stop-prob` (about geometric lengths; a share of samples reaches the length limit).
-Each engine draws its own samples (the engines consume the RNG differently), so throughput is
-counted in completion tokens (up to and including EOS) per second. Reported: tokens/s per engine
-(median over repeats), the ratio to HF generate of each interleaved pair (median and range), the
-mean completion length and the truncated share, and the load average before and after (these
-machines are shared: ratios measured side by side are what to quote).
+Throughput is counted in completion tokens (up to and including EOS) per second. Reported:
+tokens/s per engine (median over repeats), the ratio to HF generate of each interleaved pair
+(median and range), the mean completion length, the truncated share, the load average before
+and after (these machines are shared: ratios measured side by side are what to quote), and on a
+GPU the decode roofline: the time to read, at the device's memory bandwidth, what decoding these
+completions must read at least (the weights once per step, each live row's KV cache once per step).
 
     python scripts/bench_generation.py                          # CPU: 16 prompts x 8 samples, 256 tokens
     python scripts/bench_generation.py --quick                  # smoke run (seconds)
     python scripts/bench_generation.py --profile                # where the time goes, per engine
-    python scripts/bench_generation.py --device cuda --shape Qwen2.5-0.5B --dtype bfloat16
+    python scripts/bench_generation.py --device cuda --shape Qwen2.5-1.5B --dtype bfloat16 --max-new-tokens 1024
     python scripts/bench_generation.py --output BENCHMARKS.md   # append the table to BENCHMARKS.md
 """
 
@@ -52,6 +55,18 @@ from egspo.rollout import (
 
 SHAPES = {"tiny": {**TINY_QWEN2, "vocab_size": 512}, **GPU_SHAPES}
 EOS, PAD = 2, 0
+# Memory bandwidth (bytes/s) by device name fragment, first match wins: the decode roofline.
+BANDWIDTH = {
+    "H100 PCIe": 2.0e12,
+    "H100": 3.35e12,
+    "H200": 4.8e12,
+    "A100-SXM4-80GB": 2.04e12,
+    "A100 80GB": 1.94e12,
+    "A100": 1.56e12,
+    "L40S": 0.864e12,
+    "A10G": 0.6e12,
+    "L4": 0.3e12,
+}
 ENGINE_NAMES = {
     "hf": "HF generate (`HFGenerateEngine`)",
     "shared": "`SharedPrefillEngine`",
@@ -67,6 +82,8 @@ class Timings:
     tokens: list[int] = field(default_factory=list)
     mean_length: list[float] = field(default_factory=list)
     truncated: list[float] = field(default_factory=list)
+    samples: list[torch.Tensor] = field(default_factory=list)  # each repeat's completions (CPU)
+    min_bytes: list[float] = field(default_factory=list)  # what decoding them must read at least
 
     @property
     def tokens_per_s(self) -> list[float]:
@@ -119,9 +136,32 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def decode_bytes(
+    model: torch.nn.Module, prompt_mask: torch.Tensor, lengths: torch.Tensor, samples: int
+) -> float:
+    """The least a decoder must read to generate completions of `lengths`, one step per token.
+
+    Each step reads every weight once (shared by the rows stepped together) and each live row's
+    KV cache (its real prompt tokens and the tokens generated so far); prefill is not counted.
+    """
+    config = model.config
+    weights = sum(
+        p.numel() * p.element_size() for p in {p.data_ptr(): p for p in model.parameters()}.values()
+    )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * head_dim * element
+    prompt = prompt_mask.sum(1).repeat_interleave(samples).double().cpu()
+    c = lengths.double().cpu()
+    # Sum over a row's steps t = 0 .. c - 1 of (prompt + t) cached tokens.
+    kv_tokens = float((prompt * c + c * (c - 1) / 2).sum())
+    return float(lengths.max()) * weights + kv_tokens * kv_per_token
+
+
 def run_once(
     engine: RolloutEngine, model, prompts, params: SamplingParams, device: str, seed: int, out: Timings | None
-):
+) -> float:
+    """One timed call from `seed`; its figures go to `out` (None: a warm-up)."""
     torch.manual_seed(seed)
     sync(device)
     start = time.perf_counter()
@@ -129,11 +169,13 @@ def run_once(
     sync(device)
     seconds = time.perf_counter() - start
     if out is not None:
-        lengths = rollout.completion_mask.sum(1).float()
+        lengths = rollout.completion_mask.sum(1)
         out.seconds.append(seconds)
         out.tokens.append(int(lengths.sum()))
-        out.mean_length.append(float(lengths.mean()))
+        out.mean_length.append(float(lengths.float().mean()))
         out.truncated.append(float(rollout.truncated.float().mean()))
+        out.samples.append(rollout.input_ids.cpu())
+        out.min_bytes.append(decode_bytes(model, prompts[1], lengths, params.num_samples))
     return seconds
 
 
@@ -181,42 +223,56 @@ def device_name(device: str) -> str:
         return platform.processor() or "unknown CPU"
 
 
+def roofline(device: str, t: Timings) -> tuple[float, float] | None:
+    """Roofline tokens/s of an engine's repeats (median), and the share of it reached; None off GPU."""
+    name = device_name(device)
+    bandwidth = next((v for k, v in BANDWIDTH.items() if k in name), None) if device == "cuda" else None
+    if bandwidth is None:
+        return None
+    bound = statistics.median(n * bandwidth / b for n, b in zip(t.tokens, t.min_bytes, strict=True))
+    return bound, statistics.median(t.tokens_per_s) / bound
+
+
 def report(args, results: dict[str, Timings], bias: float, loads: tuple[float, float]) -> str:
     command = "python scripts/bench_generation.py " + " ".join(sys.argv[1:])
     shape = SHAPES[args.shape]
     threads = f", {torch.get_num_threads()} intra-op thread(s)" if args.device == "cpu" else ""
+    hf = results["hf"]
     lines = [
         f"## Generation: SharedPrefillEngine vs HF generate ({args.device}, {args.shape}, {args.dtype})",
         "",
         f"From `{command}` on {device_name(args.device)}, {os.cpu_count()} cores{threads}; load average "
-        f"{loads[0]:.1f} before, {loads[1]:.1f} after (shared machine); {versions()}; "
-        f"{datetime.date.today().isoformat()}.",
+        f"{loads[0]:.1f} before, {loads[1]:.1f} after; {versions()}; {datetime.date.today().isoformat()}.",
         "",
         f"Random-weight model {json.dumps(shape)}; {args.prompts} prompts (lengths {args.min_prompt}-"
         f"{args.max_prompt} tokens, left-padded) x {args.samples} samples, max_new_tokens={args.max_new_tokens}, "
         f"temperature {args.temperature}, no top-k/top-p; EOS logit biased by {bias:+.2f} for a stop "
         f"probability of about {args.stop_prob} per token; {args.repeats} interleaved repeats (ABBA) after "
-        "one warm-up per engine, torch reseeded before every call.",
+        "one warm-up per engine, torch reseeded (the same seed for every engine) before every call. Decode "
+        "roofline (GPU): completion tokens / (bytes the decode steps must read / memory bandwidth).",
         "",
-        "| engine | completion tokens/s (median) | s per call (median) | mean completion length | truncated |",
-        "|---|---|---|---|---|",
+        "| engine | completion tokens/s (median) | s per call (median) | mean completion length | truncated "
+        "| samples identical to HF generate's | decode roofline tokens/s (reached) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, t in results.items():
+        same = sum(torch.equal(a, b) for a, b in zip(t.samples, hf.samples, strict=True))
+        bound = roofline(args.device, t)
         lines.append(
             f"| {ENGINE_NAMES[key]} | {statistics.median(t.tokens_per_s):.0f} | "
             f"{statistics.median(t.seconds):.2f} | {statistics.mean(t.mean_length):.1f} | "
-            f"{statistics.mean(t.truncated):.0%} |"
+            f"{statistics.mean(t.truncated):.0%} | {same} of {len(t.samples)} | "
+            f"{f'{bound[0]:.0f} ({bound[1]:.0%})' if bound else 'n/a'} |"
         )
-    base = results["hf"].tokens_per_s
     ratios = {
-        key: [a / b for a, b in zip(t.tokens_per_s, base, strict=True)]
+        key: [a / b for a, b in zip(t.tokens_per_s, hf.tokens_per_s, strict=True)]
         for key, t in results.items()
         if key != "hf"
     }
     for key, pairs in ratios.items():
         lines.append(
             f"| **{ENGINE_NAMES[key]} / HF generate** | **{statistics.median(pairs):.2f}x** "
-            f"(pairs {min(pairs):.2f} to {max(pairs):.2f}: {', '.join(f'{p:.2f}' for p in pairs)}) | | | |"
+            f"(pairs {min(pairs):.2f} to {max(pairs):.2f}: {', '.join(f'{p:.2f}' for p in pairs)}) | | | | | |"
         )
     lines += [
         "",

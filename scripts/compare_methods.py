@@ -232,13 +232,22 @@ def aggregate(results: list[RunResult]) -> dict[str, dict[str, tuple[float, floa
     return table
 
 
-def band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float]]:
-    """Iterations every curve has, and the mean and 95% half-width (over curves) at each of them."""
+def band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Iterations every curve has, and the mean, lowest and highest value over curves at each."""
     if not curves:
-        return [], [], []
+        return [], [], [], []
     common = sorted(set.intersection(*(set(c) for c in curves)))
-    pairs = [mean_interval([c[it] for c in curves]) for it in common]
-    return common, [m for m, _ in pairs], [h for _, h in pairs]
+    values = [[c[it] for c in curves] for it in common]
+    return common, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def smooth(curve: dict[int, float], window: int) -> dict[int, float]:
+    """Trailing moving average over `window` points (per-iteration rollout statistics are noisy)."""
+    its = sorted(curve)
+    return {
+        it: statistics.fmean(curve[j] for j in its[max(0, i - window + 1) : i + 1])
+        for i, it in enumerate(its)
+    }
 
 
 def _cell(stat: tuple[float, float] | None, digits: int = 3) -> str:
@@ -273,7 +282,9 @@ def format_table(
 
 
 def plot_bands(results: list[RunResult], labels: dict[str, str], sft: dict[str, float], path: Path) -> Path:
-    """One panel per curve (accuracy, reward, entropy, all-equal groups), one line per arm, 95% bands."""
+    """One panel per curve (accuracy, reward, entropy, all-equal groups), one line per arm: the mean
+    over seeds, and a band from the lowest to the highest seed. Rollout statistics are per
+    iteration and noisy: shown as a moving average over 10 iterations."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -286,13 +297,13 @@ def plot_bands(results: list[RunResult], labels: dict[str, str], sft: dict[str, 
             curves = [{int(k): v for k, v in c.items()} for c in curves if c]
             if key == "accuracy" and "accuracy" in sft:  # every run starts from the warm-up
                 curves = [{0: sft["accuracy"], **c} for c in curves]
-            xs, means, halves = band(curves)
+            elif key != "accuracy":
+                curves = [smooth(c, 10) for c in curves]
+            xs, means, lo, hi = band(curves)
             if not xs:
                 continue
             style = {"marker": "o", "markersize": 3} if len(xs) <= 15 else {}
             (line,) = ax.plot(xs, means, label=labels.get(method, method), linewidth=1.5, **style)
-            lo = [m - h for m, h in zip(means, halves, strict=True)]
-            hi = [m + h for m, h in zip(means, halves, strict=True)]
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.12, linewidth=0)
         if key == "accuracy" and "accuracy" in sft:
             ax.axhline(sft["accuracy"], color="black", linestyle=":", linewidth=1, label="SFT warm-up")
@@ -301,7 +312,7 @@ def plot_bands(results: list[RunResult], labels: dict[str, str], sft: dict[str, 
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=7.5, ncol=2)
     seeds = len({r.seed for r in results})
-    fig.suptitle(f"mean over {seeds} seeds; bands: 95% interval over seeds", fontsize=10)
+    fig.suptitle(f"mean over {seeds} seeds; bands: lowest to highest seed", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

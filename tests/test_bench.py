@@ -1,28 +1,144 @@
-"""The benchmark harness: its EGSPO-vs-GRPO case compares the two losses on identical rollouts."""
+"""The benchmark harness: what makes its comparisons fair is tested here, not assumed.
+
+- `SharedPrefillEngine` samples what `generate` samples from the same seed (the RL row's sides
+  must generate the same tokens);
+- the stop feature written into a saved model makes samples stop at about the asked rate;
+- egspo (both engines) and TRL, run through the workers, sample identical completions, and every
+  round reports the figures the tables need;
+- the EGSPO-vs-GRPO case compares the two losses on identical rollouts.
+"""
 
 import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_model import tiny_qwen2
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from egspo.rollout import HFGenerateEngine, SamplingParams, SharedPrefillEngine
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_qwen2(max_position_embeddings=512)
 
-pytestmark = pytest.mark.slow
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("egspo_bench", ROOT / "scripts" / "bench.py")
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"egspo_{name}", ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
 
-def test_overhead_case_alternates_losses_on_identical_rollouts():
-    out = _bench().worker_overhead(
+@pytest.fixture(scope="module")
+def bench():
+    return _load("bench")
+
+
+def _model(vocab: int = 64) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return (
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_qwen2(vocab_size=vocab))).float().eval()
+    )
+
+
+def _left_padded(rows: int, vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 12, (rows,), generator=g)
+    width = int(lengths.max())
+    mask = (torch.arange(width)[None] >= width - lengths[:, None]).long()
+    return torch.randint(3, vocab, (rows, width), generator=g).masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(1.0, 0, 1.0), (0.7, 10, 0.9)])
+@pytest.mark.parametrize(
+    "engine", [SharedPrefillEngine(), SharedPrefillEngine(compact_threshold=0.5, sync_every=3)]
+)
+def test_shared_prefill_samples_what_generate_samples_from_the_same_seed(engine, temperature, top_k, top_p):
+    model = _model()
+    prompts = _left_padded(6, 64)
+    params = SamplingParams(
+        max_new_tokens=40,
+        num_samples=4,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        stop_token_ids=tuple(range(40, 48)),
+        pad_token_id=0,
+    )
+    torch.manual_seed(5)
+    expected = HFGenerateEngine().generate(model, *prompts, params)
+    torch.manual_seed(5)
+    got = engine.generate(model, *prompts, params)
+    lengths = expected.completion_mask.sum(1)
+    assert lengths.min() < lengths.max(), "want rows that finish at different steps"
+    assert torch.equal(got.input_ids, expected.input_ids)
+    torch.testing.assert_close(got.logprobs, expected.logprobs, atol=1e-5, rtol=0)
+
+
+def test_own_draws_sample_the_same_distribution_not_the_same_tokens():
+    model = _model()
+    prompts = _left_padded(4, 64)
+    params = SamplingParams(max_new_tokens=30, num_samples=4, stop_token_ids=(40, 41), pad_token_id=0)
+    torch.manual_seed(5)
+    expected = HFGenerateEngine().generate(model, *prompts, params)
+    torch.manual_seed(5)
+    got = SharedPrefillEngine(same_draws_as_generate=False).generate(model, *prompts, params)
+    assert not torch.equal(got.input_ids, expected.input_ids)
+
+
+def test_stop_feature_sets_the_stop_rate_and_keeps_other_tokens_odds(bench):
+    model = bench.build_model(bench.QWEN2_QUICK, vocab_size=96, eos=2, pad=0)
+    ids = torch.randint(3, 96, (4, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = torch.log_softmax(model(input_ids=ids).logits, -1)
+    measured = bench.add_stop_feature(model, eos=2, stop_prob=0.05)
+    assert 0.03 < measured < 0.08
+    with torch.no_grad():
+        after = torch.log_softmax(model(input_ids=ids).logits, -1)
+    # Only EOS moved against the rest: differences between two other tokens barely change.
+    drift = (after[..., 5] - after[..., 9]) - (before[..., 5] - before[..., 9])
+    assert drift.abs().max() < 0.5
+    assert float(after[..., 2].exp().mean()) > 3 * float(before[..., 2].exp().mean())
+
+
+def test_completion_rows_cut_at_the_first_stop_token(bench):
+    ids = torch.tensor([[5, 2, 7, 2], [4, 4, 4, 4]])
+    assert bench.completion_rows(ids, [2]) == [[5, 2], [4, 4, 4, 4]]
+    assert bench.digest([[5, 2]]) == bench.digest([[5, 2]]) != bench.digest([[5, 3]])
+
+
+@pytest.mark.slow
+def test_rl_workers_sample_identical_completions_and_report_every_figure(bench, tmp_path):
+    pytest.importorskip("trl")
+    case = bench.RLCase("test", bench.QWEN2_QUICK, 8)
+    bench.save_model(case.shape, tmp_path / "model", stop_prob=0.2)
+    setup = bench.RLSetup(max_completion_length=8, prompts_per_step=2, num_generations=4, rounds=1)
+    spec = {"model": str(tmp_path / "model"), "setup": bench.asdict(setup)}
+    runs = {
+        name: bench.WORKERS[kind]({**spec, "kind": kind, "engine": engine})
+        for name, (_, kind, engine) in bench.SIDES.items()
+    }
+    for name, run in runs.items():
+        (round_,) = run["rounds"]
+        assert {"generation_s", "update_s", "seconds", "tokens", "digest"} <= set(round_), name
+        assert 0 < round_["generation_s"] + round_["update_s"] < round_["seconds"], name
+        assert 0 < run["cpu_share"] <= 1.5
+    for name in ("egspo", "egspo-hf"):
+        identical, counts_agree, _ = bench.same_tokens(runs[name], runs["trl"])
+        assert identical and counts_agree, name
+    tokens = runs["trl"]["rounds"][0]["tokens"]
+    assert tokens < 2 * 4 * 8, "the stop feature should end some samples early"
+    # The MFU arithmetic, as the GPU row does it (a made-up device name with a known peak).
+    shape = {**case.shape, "vocab_size": 443}
+    mfu = bench.update_mfu({**runs["egspo"], "device_name": "H100"}, shape)
+    assert mfu is not None and 0 < mfu < 1e-3
+
+
+@pytest.mark.slow
+def test_overhead_case_alternates_losses_on_identical_rollouts(bench):
+    out = bench.worker_overhead(
         {"pairs": 2, "prompts_per_step": 2, "max_completion_length": 6, "micro_repeats": 2, "config": TINY}
     )
     # Same weights, prompts and seed every iteration: only the loss differs between the two sides.
@@ -31,5 +147,18 @@ def test_overhead_case_alternates_losses_on_identical_rollouts():
     assert len(out["egspo"]) == len(out["grpo"]) == 2
     assert all(t > 0 for t in out["egspo"] + out["grpo"])
     for side in ("egspo", "grpo"):
-        assert {"time/generation", "time/reward", "time/scoring", "time/update"} <= set(out["phases"][side])
+        assert {"time/generation", "time/update"} <= set(out["phases"][side])
     assert out["loss_egspo"] > 0 and out["loss_grpo"] > 0
+
+
+def test_generation_benchmark_counts_the_bytes_decoding_must_read():
+    gen = _load("bench_generation")
+    model = _model(vocab=32)
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])  # prompts of 2 and 3 tokens
+    lengths = torch.tensor([2, 1, 4, 1])  # 2 samples per prompt
+    config = model.config
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    kv_per_token = config.num_hidden_layers * 2 * config.num_key_value_heads * 4 * (32 // 4)
+    # Steps read the weights once each (4 steps) and, per row, the cache at each of its steps.
+    cached = (2 + 3) + 2 + (3 + 4 + 5 + 6) + 3
+    assert gen.decode_bytes(model, mask, lengths, samples=2) == 4 * weights + cached * kv_per_token

@@ -56,11 +56,15 @@ def test_aggregate_over_seeds():
 
 
 def test_band_keeps_the_iterations_every_seed_has():
-    xs, means, halves = cm.band([r.curves["reward"] for r in RESULTS[:3]])
+    xs, means, lo, hi = cm.band([r.curves["reward"] for r in RESULTS[:3]])
     assert xs == [1, 2]
     assert means == pytest.approx([0.2, 0.3])
-    assert halves == pytest.approx([0.1 * HALF, 0.1 * HALF])
-    assert cm.band([]) == ([], [], [])
+    assert lo == pytest.approx([0.1, 0.2]) and hi == pytest.approx([0.3, 0.4])
+    assert cm.band([]) == ([], [], [], [])
+
+
+def test_smooth_is_a_trailing_moving_average():
+    assert cm.smooth({1: 1.0, 2: 3.0, 3: 5.0, 4: 7.0}, 2) == {1: 1.0, 2: 2.0, 3: 4.0, 4: 6.0}
 
 
 def test_an_arm_is_an_overlay_plus_overrides():
@@ -111,7 +115,6 @@ def test_rl_command_starts_from_the_warm_up_with_the_method_overlay(tmp_path):
 
 @pytest.mark.slow
 def test_quick_comparison_end_to_end(tmp_path):
-    pytest.importorskip("matplotlib")
     report = cm.main(
         [
             "--quick",

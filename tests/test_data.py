@@ -265,7 +265,7 @@ def test_lightning_fit_runs_each_phase_as_an_epoch_and_sees_every_iteration_once
 
 
 def test_eval_shards_cover_every_example_once_with_equal_lengths():
-    from egspo.data.datamodule import EvalShard
+    from egspo.data.batches import EvalShard
 
     examples = make_synthetic_dm().synthetic.generate(7, split="test")
     shards = [EvalShard(examples, rank, 3) for rank in range(3)]

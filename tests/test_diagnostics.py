@@ -90,7 +90,6 @@ def test_html_outlines_exactly_the_tokens_at_or_above_the_threshold(tiny_tokeniz
 
 
 def test_png_is_written(tiny_tokenizer, tmp_path):
-    pytest.importorskip("matplotlib")
     experience, questions = make_experience(tiny_tokenizer)
     right, wrong = collect_rows(experience, tiny_tokenizer, num_examples=2, questions=questions)
     image = render_png(

@@ -279,7 +279,7 @@ def test_validate_logs_every_metric_per_eval_set_and_keeps_the_rng(tmp_path):
 
 @pytest.mark.slow
 def test_one_sample_reports_the_greedy_answer(tmp_path):
-    cli = _tiny_cli(tmp_path)
+    cli = _tiny_cli(tmp_path, "--model.evaluation.num_samples=1")
     [logged] = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
     assert set(logged) == {
         f"test/synthetic/{k}" for k in ("accuracy", "pass@1", "response_length", "truncation_rate")

@@ -71,7 +71,6 @@ def test_panels_pick_rates_for_the_accuracy_panel(tmp_path):
 
 
 def test_main_writes_csv_and_png(tmp_path):
-    pytest.importorskip("matplotlib")
     write_lightning_like_events(tmp_path / "lightning_logs" / "version_0")
     png = plot_run.main([str(tmp_path)])
     assert png == tmp_path / "lightning_logs" / "version_0" / "plots" / "curves.png"

@@ -58,7 +58,7 @@ class RolloutConfig:
 
     Args:
         engine: the sampler, by `class_path` (`egspo.rollout.SharedPrefillEngine`,
-            `HFGenerateEngine`, `ContinuousBatchingEngine`; default: `HFGenerateEngine`).
+            `HFGenerateEngine`, `ContinuousBatchingEngine`; default: `SharedPrefillEngine`).
         num_generations: samples per prompt, the group of the group-relative advantage.
         max_completion_length: new tokens per sample at most.
         temperature, top_p, top_k: the sampling distribution; log-probs and entropies are scored
@@ -93,9 +93,9 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         if self.engine is None:
-            from egspo.rollout import HFGenerateEngine
+            from egspo.rollout import SharedPrefillEngine
 
-            self.engine = HFGenerateEngine()
+            self.engine = SharedPrefillEngine()
         buffer = self.overlong_buffer_len
         _check(
             **{

@@ -15,7 +15,6 @@ The batch is the one interface between the data, the rollout callback and the st
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Literal
 
@@ -28,11 +27,10 @@ from torch import Tensor
 
 from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
-from egspo.distributed import FSDPConfig, all_ranks_agree, gather_objects, gather_variable, shard_policy
+from egspo.distributed import FSDPConfig, gather_variable, shard_policy
 from egspo.evaluation import Evaluator, RunSummary, eval_seed
 from egspo.losses import EGSPOLoss, NLLLoss, PolicyLoss, SFTLoss
 from egspo.model import (
-    FrozenReference,
     PolicyConfig,
     kl_reference,
     load_policy,
@@ -44,8 +42,14 @@ from egspo.rewards.oger import OGERBonus
 from egspo.rollout.builder import ExperienceBuilder, clock
 from egspo.rollout.experience import Experience
 from egspo.rollout.exploration import UECConfig
-from egspo.rollout.replay import ReplayBuffer
-from egspo.run_state import capture_rng_states, restore_rng_snapshot, restore_rng_states, rng_snapshot
+from egspo.rollout.replay import ReplayStabiliser
+from egspo.run_state import (
+    restore_rng_snapshot,
+    restore_rng_states,
+    restore_run_state,
+    rng_snapshot,
+    run_state,
+)
 from egspo.schedules import ConstantMu, MuSchedule, PhaseLearningRates
 from egspo.update import PolicyUpdate
 
@@ -111,11 +115,6 @@ class HybridRLModule(LightningModule):
         self.reward = reward or MathReward()
         self.fsdp_config = fsdp or FSDPConfig()
         self.exploration_bonus, self.uec = exploration_bonus, uec
-        if uec is not None and self.rollout.dynamic_sampling:
-            raise ValueError(
-                "model.uec: UEC-RL explores the prompts whose samples all failed, which dynamic sampling "
-                "(model.rollout.dynamic_sampling) drops: use one of them"
-            )
         self.optimizer_factory = optimizer
         self.automatic_optimization = False
 
@@ -132,7 +131,7 @@ class HybridRLModule(LightningModule):
         self.policy: torch.nn.Module | None = None
         self.experience_builder: ExperienceBuilder | None = None  # driven by RolloutCallback
         self.reference = None  # the KL reference, when policy_loss.beta > 0
-        self.replay: ReplayBuffer | None = None  # UEC-RL's stabiliser
+        self.replay: ReplayStabiliser | None = None  # UEC-RL's stabiliser
         self.evaluator: Evaluator | None = None
         self.summary = RunSummary()
         self.iteration = 0  # iterations completed
@@ -186,7 +185,7 @@ class HybridRLModule(LightningModule):
                 uec=self.uec,
             )
             if replay:
-                self.replay = ReplayBuffer(self.uec.replay_capacity, self.uec.replay_min_advantage, pad)
+                self.replay = ReplayStabiliser(self.uec, pad)
             self.evaluator = Evaluator(
                 self.encoder,
                 self.reward,
@@ -248,10 +247,8 @@ class HybridRLModule(LightningModule):
         else:
             output = self.rl_step(batch)
         self.iteration += 1
-        self.log("iteration", float(self.iteration))
-        self.log("train/nonfinite_streak", float(self.update.nonfinite_streak))
-        self.log("train/skipped_updates", float(self.update.skipped_updates))
-        self.log("train/lr", self.optimizers().optimizer.param_groups[0]["lr"])
+        lr = self.optimizers().optimizer.param_groups[0]["lr"]
+        self.log_dict({"iteration": float(self.iteration), "train/lr": lr, **self.update.counters()})
         return output
 
     def rl_step(self, batch: dict) -> dict[str, Tensor | None]:
@@ -276,8 +273,16 @@ class HybridRLModule(LightningModule):
             demonstrations=demonstrations,
             scheduler=self.learning_rates.scheduler,
         )
-        if self.replay is not None:
-            self._replay(experience, threshold)
+        if self.replay is not None:  # UEC-RL's stabiliser: a replay update every few iterations
+            self.replay.add(experience, self.rollout.temperature, self.rl_iteration)
+            replayed = self.replay.batch_due(self.rl_iteration, self.device)
+            if replayed is not None:
+                replay_steps = self.update.rl_iteration(
+                    self.policy, self.optimizers(), replayed, threshold=threshold,
+                    mini_batch_size=len(replayed), scheduler=self.learning_rates.scheduler,
+                )  # fmt: skip
+                self.log_dict({f"replay/{k}": v for k, v in replay_steps[-1].items()})
+            self.log_dict(self.replay.metrics(self.rl_iteration))
         self.log("time/update", clock(self.device) - start)
 
         # Rollout statistics, averaged over ranks (every rank holds as many rollouts).
@@ -291,28 +296,6 @@ class HybridRLModule(LightningModule):
         if threshold is not None:
             self.log("rl/gate_threshold", float(threshold))
         return {"gate_threshold": threshold}
-
-    def _replay(self, experience: Experience, threshold: Tensor | None) -> None:
-        """UEC-RL's stabiliser: keep this batch's high-advantage samples; every `replay_every`
-        iterations, one update on the buffer, with importance ratios against the sampling policy."""
-        temperature = self.rollout.temperature if experience.temperature is None else experience.temperature
-        self.replay.add(experience, temperature=temperature, iteration=self.rl_iteration)
-        size = self.uec.replay_batch_size
-        ready = len(self.replay) >= (size or 1)
-        if not (self.uec.replay_due(self.rl_iteration) and all_ranks_agree(ready)):
-            return
-        generator = torch.Generator().manual_seed(self.rl_iteration)  # resumable: a function of the iteration
-        index = None if size is None else self.replay.sample_index(size, generator)
-        batch = self.replay.batch(device=self.device, index=index)
-        batch.temperature = self.replay.row_temperatures(index=index).to(self.device)
-        steps = self.update.rl_iteration(
-            self.policy, self.optimizers(), batch, threshold=threshold, mini_batch_size=len(batch),
-            scheduler=self.learning_rates.scheduler,
-        )  # fmt: skip
-        self.log_dict(
-            {f"replay/{k}": _mean(steps, k) for k in steps[-1]} | self.replay.metrics(self.rl_iteration)
-        )
-        return []
 
     # ----------------------------------------------------------------- evaluation
     def on_validation_start(self) -> None:
@@ -363,76 +346,7 @@ class HybridRLModule(LightningModule):
         checkpoint["egspo"] = run_state(self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_run_state(self, checkpoint)
-
-
-def run_state(module: HybridRLModule) -> dict:
-    """What a resumed run needs beyond weights and optimizer, as plain types and tensors (the
-    checkpoint loads with `torch.load(weights_only=True)`)."""
-    loss = module.policy_loss
-    return {
-        "iteration": module.iteration,
-        "sft_iterations": module.sft_iterations,
-        "policy": dataclasses.asdict(module.policy_spec),
-        "summary": module.summary.state_dict(),
-        "update": module.update.state_dict(),
-        "policy_loss": {"class": type(loss).__name__, "state": loss.state_dict()},
-        "prompts_over_length": module.experience_builder.prompts_over_length,
-        "learning_rates": module.learning_rates.state_dict(),
-        "reference": module.reference.state_dict() if isinstance(module.reference, FrozenReference) else None,
-        "replay": gather_objects(module.replay.state_dict()) if module.replay is not None else None,
-        "rng": capture_rng_states(),
-    }
-
-
-def restore_run_state(module: HybridRLModule, checkpoint: dict) -> None:
-    """Put back what `run_state` saved; the RNG streams wait for the training loop to start."""
-    state = checkpoint.get("egspo")
-    if state is None:
-        raise ValueError("the checkpoint was not written by egspo (no 'egspo' state): cannot resume from it")
-    check_resume(checkpoint, module, state)
-    module.iteration = state["iteration"]
-    module.summary.load_state_dict(state["summary"])
-    module.update.load_state_dict(state["update"])
-    if state["policy_loss"]["class"] == type(module.policy_loss).__name__:  # a new loss starts fresh
-        module.policy_loss.load_state_dict(state["policy_loss"]["state"])
-    module.experience_builder.prompts_over_length = state["prompts_over_length"]
-    module.learning_rates.load_state_dict(state["learning_rates"])
-    if isinstance(module.reference, FrozenReference):
-        module.reference.load_state_dict(state.get("reference"), module.policy)
-    if module.replay is not None and state.get("replay") is not None:
-        module.replay.load_state_dict(state["replay"][module.global_rank])
-    module.rng_to_restore = state["rng"]
-
-
-def check_resume(checkpoint: dict, module: HybridRLModule, state: dict) -> None:
-    """One-line errors for a checkpoint this run cannot continue from (config and CLI win otherwise)."""
-    if state["sft_iterations"] != module.sft_iterations and state["iteration"] > min(
-        state["sft_iterations"], module.sft_iterations
-    ):
-        raise ValueError(
-            f"model.sft_iterations={module.sft_iterations}, but the checkpoint was written at iteration "
-            f"{state['iteration']} of a run with {state['sft_iterations']}: the warm-up cannot change once passed"
-        )
-    if state["iteration"] > module.total_iterations:
-        raise ValueError(
-            f"the checkpoint is at iteration {state['iteration']}, beyond this run's "
-            f"{module.total_iterations} (model.sft_iterations + model.rl_iterations)"
-        )
-    weights = checkpoint.get("state_dict", {})
-    own = module.state_dict()
-    for name, tensor in weights.items():
-        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"the checkpoint's {name} has shape {tuple(tensor.shape)}, this model's {tuple(own[name].shape)}: "
-                "model.policy differs from the run that wrote it"
-            )
-    missing = [k for k in own if k not in weights]
-    if weights and missing:
-        raise ValueError(
-            f"the checkpoint lacks {len(missing)} of this model's weights (first: {missing[0]}): "
-            "model.policy differs from the run that wrote it"
-        )
+        restore_run_state(self, checkpoint)  # one-line errors when this run cannot continue from it
 
 
 def _mean(steps: list[dict[str, float]], key: str) -> float:

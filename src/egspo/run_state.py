@@ -1,4 +1,9 @@
-"""What makes a run resumable exactly: RNG streams of every process, and checkpoints written atomically.
+"""What makes a run resumable exactly: the module's run state, RNG streams of every process, and
+checkpoints written atomically.
+
+- `run_state` / `restore_run_state`: what a checkpoint holds beyond weights and optimizer (the
+  iteration, summaries, counters, loss controller, learning-rate schedule, KL reference, replay
+  buffer, RNG streams), and the one-line checks that a run can continue from it.
 
 - `capture_rng_states` / `restore_rng_states` carry the torch, CUDA, numpy and python RNG
   streams of every rank as tensors and plain lists, which `torch.load(weights_only=True)` reads.
@@ -9,17 +14,24 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from egspo.distributed import gather_objects
+from egspo.model import FrozenReference
+
+if TYPE_CHECKING:
+    from egspo.module import HybridRLModule
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -145,3 +157,72 @@ def restore_rng_snapshot(snapshot: tuple[torch.Tensor, list[torch.Tensor]]) -> N
     torch.set_rng_state(cpu)
     if cuda:
         torch.cuda.set_rng_state_all(cuda)
+
+
+def run_state(module: HybridRLModule) -> dict:
+    """What a resumed run needs beyond weights and optimizer, as plain types and tensors (the
+    checkpoint loads with `torch.load(weights_only=True)`)."""
+    loss = module.policy_loss
+    return {
+        "iteration": module.iteration,
+        "sft_iterations": module.sft_iterations,
+        "policy": dataclasses.asdict(module.policy_spec),
+        "summary": module.summary.state_dict(),
+        "update": module.update.state_dict(),
+        "policy_loss": {"class": type(loss).__name__, "state": loss.state_dict()},
+        "prompts_over_length": module.experience_builder.prompts_over_length,
+        "learning_rates": module.learning_rates.state_dict(),
+        "reference": module.reference.state_dict() if isinstance(module.reference, FrozenReference) else None,
+        "replay": gather_objects(module.replay.state_dict()) if module.replay is not None else None,
+        "rng": capture_rng_states(),
+    }
+
+
+def restore_run_state(module: HybridRLModule, checkpoint: dict) -> None:
+    """Put back what `run_state` saved; the RNG streams wait for the training loop to start."""
+    state = checkpoint.get("egspo")
+    if state is None:
+        raise ValueError("the checkpoint was not written by egspo (no 'egspo' state): cannot resume from it")
+    check_resume(checkpoint, module, state)
+    module.iteration = state["iteration"]
+    module.summary.load_state_dict(state["summary"])
+    module.update.load_state_dict(state["update"])
+    if state["policy_loss"]["class"] == type(module.policy_loss).__name__:  # a new loss starts fresh
+        module.policy_loss.load_state_dict(state["policy_loss"]["state"])
+    module.experience_builder.prompts_over_length = state["prompts_over_length"]
+    module.learning_rates.load_state_dict(state["learning_rates"])
+    if isinstance(module.reference, FrozenReference):
+        module.reference.load_state_dict(state.get("reference"), module.policy)
+    if module.replay is not None and state.get("replay") is not None:
+        module.replay.load_state_dict(state["replay"][module.global_rank])
+    module.rng_to_restore = state["rng"]
+
+
+def check_resume(checkpoint: dict, module: HybridRLModule, state: dict) -> None:
+    """One-line errors for a checkpoint this run cannot continue from (config and CLI win otherwise)."""
+    if state["sft_iterations"] != module.sft_iterations and state["iteration"] > min(
+        state["sft_iterations"], module.sft_iterations
+    ):
+        raise ValueError(
+            f"model.sft_iterations={module.sft_iterations}, but the checkpoint was written at iteration "
+            f"{state['iteration']} of a run with {state['sft_iterations']}: the warm-up cannot change once passed"
+        )
+    if state["iteration"] > module.total_iterations:
+        raise ValueError(
+            f"the checkpoint is at iteration {state['iteration']}, beyond this run's "
+            f"{module.total_iterations} (model.sft_iterations + model.rl_iterations)"
+        )
+    weights = checkpoint.get("state_dict", {})
+    own = module.state_dict()
+    for name, tensor in weights.items():
+        if name in own and tuple(own[name].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"the checkpoint's {name} has shape {tuple(tensor.shape)}, this model's {tuple(own[name].shape)}: "
+                "model.policy differs from the run that wrote it"
+            )
+    missing = [k for k in own if k not in weights]
+    if weights and missing:
+        raise ValueError(
+            f"the checkpoint lacks {len(missing)} of this model's weights (first: {missing[0]}): "
+            "model.policy differs from the run that wrote it"
+        )

@@ -246,6 +246,13 @@ class PolicyUpdate:
                 "Lower the learning rate or check the data."
             )
 
+    def counters(self) -> dict[str, float]:
+        """`train/nonfinite_streak` and `train/skipped_updates`, to log."""
+        return {
+            "train/nonfinite_streak": float(self.nonfinite_streak),
+            "train/skipped_updates": float(self.skipped_updates),
+        }
+
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, int]:
         return {"nonfinite_streak": self.nonfinite_streak, "skipped_updates": self.skipped_updates}

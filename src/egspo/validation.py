@@ -36,8 +36,21 @@ def validate_fit_config(config: Any) -> list[str]:
         *_check_learning_rates(model),
         *_check_validation_interval(model, trainer),
         *_check_epochs(model, trainer),
+        *_check_strategy(trainer),
         *_check_paths(model, data),
     ]
+
+
+def _check_strategy(trainer: Any) -> list[str]:
+    """FSDP1 runs training_step inside its root's forward, where egspo's update cannot call backward."""
+    strategy = _get(trainer, "strategy")
+    name = strategy if isinstance(strategy, str) else str(_get(strategy, "class_path", ""))
+    if name.startswith("fsdp") or name.endswith("FSDPStrategy"):
+        return [
+            f"trainer.strategy={name}: FSDPStrategy (FSDP1) cannot run egspo's update; use "
+            "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see configs/fsdp_multinode.yaml"
+        ]
+    return []
 
 
 def _check_groups(model: Any) -> list[str]:

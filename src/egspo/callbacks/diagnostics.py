@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
 
 from egspo.rollout import Experience
 
@@ -292,7 +291,7 @@ def render_png(
 class EntropyDiagnostics(Callback):
     """Every `every_n_iterations` RL iterations, pictures of a few of that iteration's rollouts.
 
-    Writes ``<log_dir>/diagnostics/iter_XXXX.html`` (and ``.png`` when matplotlib is installed;
+    Writes ``<log_dir>/diagnostics/iter_XXXX.html`` (and ``.png`` unless ``png=False``;
     the PNG also goes to TensorBoard): `num_examples` correct and `num_examples` incorrect
     responses side by side, each token coloured by its entropy under the rollout policy, the
     tokens at or above the iteration's gate threshold outlined. XXXX is the iteration count
@@ -306,7 +305,6 @@ class EntropyDiagnostics(Callback):
         self.every_n_iterations = every_n_iterations
         self.num_examples = num_examples
         self.png = png
-        self._warned = False
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch: dict, batch_idx: int
@@ -355,13 +353,6 @@ class EntropyDiagnostics(Callback):
     def _write_png(
         self, trainer, pl_module, experience, correct, incorrect, threshold, vmax, title, stem
     ) -> None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            if not self._warned:
-                rank_zero_warn("EntropyDiagnostics: matplotlib is not installed; writing HTML pages only")
-                self._warned = True
-            return
         per_token_correct = (
             experience.correct.bool()[:, None].expand_as(experience.completion_mask)
             if experience.correct is not None

@@ -1,6 +1,7 @@
 """Data: record loading, the synthetic task, tokenizers, prompt formats, the DataModule."""
 
-from egspo.data.datamodule import EpochSampler, HybridDataModule, IterationDataset
+from egspo.data.batches import EpochSampler, IterationDataset
+from egspo.data.datamodule import HybridDataModule
 from egspo.data.prompts import BOXED_INSTRUCTION, DEFAULT_INSTRUCTION, format_prompt
 from egspo.data.records import (
     DataError,

@@ -47,7 +47,7 @@ _COMMAND_RE = re.compile(r"\\[A-Za-z]+")
 # stripping deletes it; written bare it is the imaginary unit (and ``e`` Euler's number).
 _UPRIGHT_CONSTANT_RE = re.compile(r"\\(?:mathrm|text|mathit|operatorname)\s*\{\s*([ie])\s*\}")
 # ``52_8``: a number in another base; latex2sympy keeps the digits and drops the base.
-_BASE_SUBSCRIPT_RE = re.compile(r"\d\s*_\s*\{?\s*\d")
+_BASE_SUBSCRIPT_RE = re.compile(r"\d+\s*_\s*\{?\s*\d+\}?")
 _RELATION_RE = re.compile(r"=|<|>|\\(?:le|ge|leq|geq|leqslant|geqslant|neq|ne|lt|gt|not)(?![A-Za-z])")
 # What math-verify's unit stripping may drop without changing the answer: ``\text{ cm}^2``
 # (a word of two letters or more in a text command) or a bare unit word of three letters or
@@ -141,8 +141,9 @@ def main() -> None:
             isinstance(expr, (Relational, Boolean, Set)) or expr.atoms(Relational)
         ):
             return "relation sign lost in parsing"
-        if _BASE_SUBSCRIPT_RE.search(words_removed):
-            return "the base of a number (52_8) is lost in parsing"
+        base = _BASE_SUBSCRIPT_RE.search(words_removed)
+        if base:
+            return f"the base of a number ({base.group(0)}) is lost in parsing"
         return ""
 
     def exact(expr):

@@ -330,3 +330,25 @@ def _smallest_gap(rewards: Tensor, group_size: int) -> Tensor:
     if steps.shape[1] == 0:
         return torch.full((ordered.shape[0],), math.inf, device=rewards.device)
     return steps.amin(dim=1)
+
+
+def embed_rollouts_and_teachers(
+    policy: torch.nn.Module, tokenizer, rollout, teachers: list[list[str]]
+) -> tuple[Tensor, list[Tensor]]:
+    """The shared space of the bonus: mean-pooled input embeddings of the policy, for the rollout's
+    completions (`[N, D]`) and for each prompt's teacher responses (`[K_b, D]` per prompt).
+
+    The embedding matrix is gathered whole first (under FSDP2 a collective: every rank calls this).
+    """
+    from egspo.model import unwrap_causal_lm
+
+    weight = unwrap_causal_lm(policy).get_input_embeddings().weight
+    weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
+    pooled = mean_pool_embeddings(rollout.completion_ids, rollout.completion_mask, weight)
+    flat = [text for texts in teachers for text in texts]
+    teacher = pooled.new_zeros(0, pooled.shape[1])
+    if flat:
+        encoded = tokenizer(flat, add_special_tokens=False, padding=True, return_tensors="pt")
+        ids, mask = encoded["input_ids"].to(pooled.device), encoded["attention_mask"].to(pooled.device)
+        teacher = mean_pool_embeddings(ids, mask, weight)
+    return pooled, list(teacher.split([len(texts) for texts in teachers]))

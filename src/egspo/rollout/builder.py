@@ -16,9 +16,8 @@ from torch import Tensor
 from egspo.advantages import group_advantages
 from egspo.distributed import any_rank
 from egspo.losses import masked_mean
-from egspo.model import unwrap_causal_lm
 from egspo.rewards import RewardFunction, RewardOutput
-from egspo.rewards.oger import OGERBonus, mean_pool_embeddings
+from egspo.rewards.oger import OGERBonus, embed_rollouts_and_teachers
 from egspo.rollout.engine import Rollout, SamplingParams
 from egspo.rollout.experience import Experience, concat_rows
 from egspo.rollout.exploration import (
@@ -88,6 +87,11 @@ class ExperienceBuilder:
             stop_token_ids=tuple(stop_token_ids),
             pad_token_id=pad_token_id,
         )
+        if uec is not None and config.dynamic_sampling:
+            raise ValueError(
+                "model.uec: UEC-RL explores the prompts whose samples all failed, which dynamic sampling "
+                "(model.rollout.dynamic_sampling) drops: use one of them"
+            )
         self.exploration_bonus = exploration_bonus
         self.uec = uec
         self.exploration = (
@@ -135,21 +139,8 @@ class ExperienceBuilder:
         rewards = self._shaped_rewards(policy, groups, entropy, rl_iteration, teachers or {}, stats)
         if self.config.mask_truncated_completions:
             excluded = excluded | rollout.truncated
-        experience = Experience(
-            input_ids=rollout.input_ids,
-            attention_mask=rollout.attention_mask,
-            completion_mask=rollout.completion_mask.float(),
-            entropy=entropy,
-            advantages=group_advantages(rewards, g, scale=self.config.advantage_scale),
-            rewards=rewards,
-            truncated=rollout.truncated,
-            prompt_length=rollout.prompt_length,
-            old_logprobs=old_logprobs,
-            ref_logprobs=ref_logprobs,
-            correct=groups.correct,
-            excluded=excluded,
-            completions=groups.completions,
-        )
+        advantages = group_advantages(rewards, g, scale=self.config.advantage_scale)
+        experience = _experience(groups, (old_logprobs, entropy, ref_logprobs), rewards, advantages, excluded)
         if self.uec is not None:
             experience = self._explore(policy, groups, experience, stats)
         if not bool(experience.excluded.any()):
@@ -186,25 +177,13 @@ class ExperienceBuilder:
         rewards = groups.rewards
         if self.exploration_bonus is not None:
             rollout = groups.rollout
-            weight = unwrap_causal_lm(policy).get_input_embeddings().weight
-            weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight  # FSDP2: every rank
-            pooled = mean_pool_embeddings(rollout.completion_ids, rollout.completion_mask, weight)
             prompts = groups.questions[:: self.config.num_generations]
-            references = [list(teachers.get(q, ())) for q in prompts]
-            flat = [t for texts in references for t in texts]
-            teacher = pooled.new_zeros(0, pooled.shape[1])
-            if flat:
-                encoded = self.encoder.tokenizer(
-                    flat, add_special_tokens=False, padding=True, return_tensors="pt"
-                )
-                ids, mask = (
-                    encoded["input_ids"].to(pooled.device),
-                    encoded["attention_mask"].to(pooled.device),
-                )
-                teacher = mean_pool_embeddings(ids, mask, weight)
+            pooled, teacher = embed_rollouts_and_teachers(
+                policy, self.encoder.tokenizer, rollout, [list(teachers.get(q, ())) for q in prompts]
+            )
             bonus, bonus_stats = self.exploration_bonus(
                 pooled,
-                list(teacher.split([len(t) for t in references])),
+                teacher,
                 entropy=entropy,
                 mask=rollout.completion_mask,
                 rewards=rewards,
@@ -239,10 +218,7 @@ class ExperienceBuilder:
         uec, g = self.uec, self.config.num_generations
         hard = hard_prompts(groups.rewards, groups.correct, g, uec.hard_rule)
         index = hard.nonzero().flatten().tolist()
-        regular_t = torch.full(
-            (len(experience),), float(self.config.temperature), device=experience.rewards.device
-        )
-        experience.temperature = regular_t
+        experience.temperature = torch.full_like(experience.rewards, float(self.config.temperature))
         stats["uec/hard_prompts"] = len(index) / len(hard)
         if not any_rank(bool(index)):
             return experience
@@ -266,25 +242,11 @@ class ExperienceBuilder:
         experience.advantages = advantages
         experience.excluded = experience.excluded | ~keep
         old, entropy, ref = self._score(policy, expanded.rollout, self.exploration.temperature)
-        rollout = expanded.rollout
-        explored = Experience(
-            input_ids=rollout.input_ids,
-            attention_mask=rollout.attention_mask,
-            completion_mask=rollout.completion_mask.float(),
-            entropy=entropy,
-            advantages=expanded_advantages,
-            rewards=expanded.rewards,
-            truncated=rollout.truncated,
-            prompt_length=rollout.prompt_length,
-            old_logprobs=old if experience.old_logprobs is not None else None,
-            ref_logprobs=ref,
-            correct=expanded.correct,
-            excluded=~keep_expanded,
-            temperature=torch.full(
-                (len(rollout.truncated),), self.exploration.temperature, device=regular_t.device
-            ),
-            completions=expanded.completions,
-        )
+        explored = _experience(
+            expanded, (old if experience.old_logprobs is not None else None, entropy, ref),
+            expanded.rewards, expanded_advantages, ~keep_expanded,
+        )  # fmt: skip
+        explored.temperature = torch.full_like(expanded.rewards, self.exploration.temperature)
         stats["uec/expanded_success"] = float(expanded.correct.float().mean())
         stats["uec/expanded_kept"] = float(keep_expanded.float().mean())
         return concat_rows([experience, explored], self.sampling.pad_token_id)
@@ -358,6 +320,30 @@ class ExperienceBuilder:
             with self.reference(policy) as reference:
                 ref_logprobs = score(reference)[0]
         return old_logprobs, entropy, ref_logprobs
+
+
+def _experience(
+    groups: Groups, scores: tuple[Tensor | None, Tensor, Tensor | None], rewards: Tensor, advantages: Tensor,
+    excluded: Tensor,
+) -> Experience:  # fmt: skip
+    """The experience of sampled groups, given their (old log-probs, entropies, reference log-probs)."""
+    rollout = groups.rollout
+    old_logprobs, entropy, ref_logprobs = scores
+    return Experience(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        completion_mask=rollout.completion_mask.float(),
+        entropy=entropy,
+        advantages=advantages,
+        rewards=rewards,
+        truncated=rollout.truncated,
+        prompt_length=rollout.prompt_length,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+        correct=groups.correct,
+        excluded=excluded,
+        completions=groups.completions,
+    )
 
 
 def correctness(out: RewardOutput) -> Tensor:

@@ -14,6 +14,9 @@ log-prob of each sampled token under the distribution it sampled from, i.e. afte
 that equals the tempered, untruncated log-prob the rollout promises only without truncation, so
 `Rollout.logprobs` is filled then and left None otherwise. Entropies are not reported by
 `generate_batch`: `Rollout.entropy` is None and the experience builder scores them.
+
+Not for sharded (FSDP2) policies: `generate_batch` schedules forward passes by its own queue,
+so ranks cannot be kept in lock-step; the engine refuses rather than hang.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from transformers import GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
 from egspo.model import unwrap_causal_lm
-from egspo.rollout.engine import Rollout, SamplingParams, eval_mode
+from egspo.rollout.engine import Rollout, SamplingParams, decodes_in_lockstep, eval_mode
 from egspo.rollout.hf_generate import blank_generation_config
 
 # What the engine itself decides; a user's `continuous_batching_config` may not override it.
@@ -86,6 +89,11 @@ class ContinuousBatchingEngine:
     def generate(
         self, model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams
     ) -> Rollout:
+        if decodes_in_lockstep(model):
+            raise ValueError(
+                "ContinuousBatchingEngine cannot sample from an FSDP2-sharded policy (its forward passes "
+                "are collectives the ranks would not call in step): use SharedPrefillEngine"
+            )
         causal_lm = unwrap_causal_lm(model)  # peft's LoRA layers live inside it: adapters still apply
         # One list per prompt, padding removed: the request format of `generate_batch`.
         prompts = [row[keep].tolist() for row, keep in zip(input_ids, attention_mask.bool(), strict=True)]

@@ -151,6 +151,22 @@ def completion_mask_from_eos(
     return mask, truncated
 
 
+def decodes_in_lockstep(model: torch.nn.Module) -> bool:
+    """Whether every rank must run as many forward passes as the others while it samples.
+
+    Under FSDP2 (`egspo.distributed.is_sharded`) each forward pass all-gathers the weights, a
+    collective: a rank that stopped decoding early (its rows all finished) would leave the others
+    waiting in their next forward pass forever. It must keep stepping until every rank is done.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    from egspo.distributed import is_sharded
+
+    return is_sharded(model)
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off while sampling (the loss scores the deterministic policy); the former mode after."""

@@ -28,7 +28,7 @@ from transformers import (
 )
 
 from egspo.model import unwrap_causal_lm
-from egspo.rollout.engine import Rollout, SamplingParams, eval_mode
+from egspo.rollout.engine import Rollout, SamplingParams, decodes_in_lockstep, eval_mode
 
 
 class TemperedStatsRecorder(LogitsProcessor):
@@ -83,8 +83,11 @@ class HFGenerateEngine:
     """`transformers.generate` for all prompts x samples in one call, KV cache on, recording as it samples.
 
     The reference engine: what `generate` does, with only the asked-for processors. It prefills
-    each prompt once per sample and keeps stepping finished rows (padding them) until the last row
-    stops; `SharedPrefillEngine` avoids both.
+    each prompt once per sample, grows its KV cache by concatenation and keeps stepping finished
+    rows (padding them) until the last row stops; `SharedPrefillEngine` avoids all three.
+
+    Under FSDP2 the ranks decode in lock-step (`synced_gpus`): `generate` detects only sharding
+    done by `transformers` itself, not egspo's `fully_shard`, so the engine says it.
     """
 
     def _config(self, params: SamplingParams) -> GenerationConfig:
@@ -128,6 +131,7 @@ class HFGenerateEngine:
                 attention_mask=attention_mask,
                 generation_config=self._config(params),
                 logits_processor=self._processors(params, recorder),
+                synced_gpus=decodes_in_lockstep(model),
             )
         completion_ids = sequences[:, input_ids.shape[1] :]
         entropy, logprobs = recorder.finish(completion_ids)
