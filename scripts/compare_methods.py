@@ -58,6 +58,9 @@ METHODS = {
         Arm("espo", "ESPO", "espo"),
         Arm("egspo", "EGSPO", "egspo"),
         Arm("egspo_mu", "EGSPO + mu", "egspo_mu"),
+        Arm("papo", "PAPO", "papo"),
+        Arm("oger", "OGER", "oger"),
+        Arm("uec_rl", "UEC-RL", "uec_rl"),
     )
 }
 DEFAULT_METHODS = list(METHODS)

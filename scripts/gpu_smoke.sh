@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke test: a few iterations each of bf16, LoRA (+KL, adapters, export), QLoRA 4-bit and
+# GPU smoke test: a few iterations each of bf16-mixed, LoRA (+KL, adapters, export), QLoRA 4-bit and
 # FSDP2 (ModelParallelStrategy) on one GPU. Downloads nothing: the policy is a randomly
 # initialised model with Qwen2.5-0.5B's shape (24 layers, 896 hidden, GQA 14/2 heads; the
 # vocabulary is the local synthetic tokenizer's), the data is the synthetic arithmetic task.
@@ -44,15 +44,16 @@ stage() {  # stage NAME ARGS...: one short fit run under $OUT/NAME
   echo "=== $name: ok in $((SECONDS - start)) s"
 }
 
-# 1. Full fine-tuning in bf16.
+# 1. Full fine-tuning: fp32 master weights, bf16 compute (as configs/qwen_math.yaml), token budget.
 stage bf16 \
   --model.policy.config="$QWEN05" --model.policy.tokenizer=synthetic \
-  --trainer.precision=bf16-true --model.policy.dtype=bfloat16
+  --trainer.precision=bf16-mixed --model.policy.dtype=float32 \
+  --model.update.ppo_max_token_len_per_gpu=512
 
 # 2. LoRA with a KL penalty (reference = base with adapters disabled), adapters saved, then export.
 stage lora \
   --model.policy.config="$QWEN05" --model.policy.tokenizer=synthetic \
-  --trainer.precision=bf16-true --model.policy.dtype=bfloat16 \
+  --trainer.precision=bf16-mixed --model.policy.dtype=bfloat16 \
   --model.policy.lora="{'r': 16, 'alpha': 32}" --model.policy.gradient_checkpointing=true \
   --model.policy_loss.init_args.beta=0.05 \
   '--trainer.callbacks=[{"class_path": "egspo.callbacks.AdapterExport"}]'
@@ -74,7 +75,7 @@ tokenizer.save_pretrained(sys.argv[1])
 PY
 stage qlora \
   --model.policy.name_or_path="$OUT/base" --model.policy.config=null --model.policy.tokenizer=null \
-  --trainer.precision=bf16-true --model.policy.dtype=bfloat16 \
+  --trainer.precision=bf16-mixed --model.policy.dtype=bfloat16 \
   --model.policy.load_in_4bit=true --model.policy.lora="{'r': 16, 'alpha': 32}" \
   --model.policy_loss.init_args.beta=0.05
 

@@ -197,7 +197,7 @@ CASES = [
     Case(
         "val_check_interval_not_dividing",
         ("--trainer.val_check_interval=7",),
-        "trainer.val_check_interval=7: must divide each phase's length (300 and 150 iterations) so that "
+        "trainer.val_check_interval=7: must divide each phase's length (300 and 100 iterations) so that "
         "every phase ends with an evaluation",
     ),
     Case(

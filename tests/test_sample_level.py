@@ -33,7 +33,9 @@ def policy(tiny_tokenizer):
 
 
 def _builder(policy, tokenizer, **options) -> ExperienceBuilder:
-    config = RolloutConfig(engine=SharedPrefillEngine(), num_generations=G, max_completion_length=6, **options)
+    config = RolloutConfig(
+        engine=SharedPrefillEngine(), num_generations=G, max_completion_length=6, **options
+    )
     return ExperienceBuilder(
         PromptEncoder(tokenizer, PromptConfig()),
         AnswerKeyedReward(),
@@ -55,8 +57,14 @@ def _refill(answer: str, calls: list[int]):
 def test_dynamic_sampling_replaces_all_equal_groups_with_fresh_prompts(policy, tiny_tokenizer):
     builder = _builder(policy, tiny_tokenizer, dynamic_sampling=True, max_num_gen_batches=3)
     calls: list[int] = []
-    questions = ["Mia has 3 marbles.", "A much longer first question with many more words in it.", "Leo has 9."]
-    experience, stats = builder.build(policy, questions, ["flat", "varied", "flat"], refill=_refill("varied", calls))
+    questions = [
+        "Mia has 3 marbles.",
+        "A much longer first question with many more words in it.",
+        "Leo has 9.",
+    ]
+    experience, stats = builder.build(
+        policy, questions, ["flat", "varied", "flat"], refill=_refill("varied", calls)
+    )
     assert calls == [1]  # one refill round brought enough informative prompts
     assert len(experience) == 3 * G  # the batch keeps its size
     grouped = experience.rewards.view(-1, G)
@@ -85,7 +93,9 @@ def test_overlong_filtering_keeps_truncated_samples_out_of_the_loss(policy, tiny
     builder = _builder(policy, tiny_tokenizer, mask_truncated_completions=True)
     experience, stats = builder.build(policy, ["q one", "q two"], ["varied", "varied"])
     assert experience.truncated.any()  # an untrained model rarely stops within 6 tokens
-    excluded = experience.excluded if experience.excluded is not None else torch.zeros(len(experience), dtype=bool)
+    excluded = (
+        experience.excluded if experience.excluded is not None else torch.zeros(len(experience), dtype=bool)
+    )
     assert torch.equal(excluded, experience.truncated)
     assert experience.loss_mask[experience.truncated].sum() == 0
     assert stats["rollout/excluded_samples"] == pytest.approx(experience.truncated.float().mean().item())

@@ -23,13 +23,13 @@ from typing import Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from egspo.data.batches import EpochSampler, EvalShard, InOrder, IterationDataset, PhaseBatches, collate_eval
+from egspo.data.gold_audit import report_audit, run_audits
 from egspo.data.records import DataError, DataSource, Example
 from egspo.data.synthetic import SyntheticArithmetic
-from egspo.rewards import GoldAudit, MathReward, audit_golds
+from egspo.rewards import GoldAudit
 
 GoldAuditMode = Literal["report", "drop", "fail"]
 PROMPT_SET = "prompts"  # the RL prompts' name in the audit's metrics, `data/prompts/...`
@@ -157,11 +157,13 @@ class HybridDataModule(L.LightningDataModule):
         ranks the same prompts even if a verification timed out on one of them.
         """
         sets = {PROMPT_SET: self.prompt_examples, **self.eval_examples}
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        reward = getattr(module, "reward", None)  # its cache is then warm for training
         sets = {name: examples for name, examples in sets.items() if examples}
         if self.trainer is None:
-            audits = self._run_audits(sets)
+            audits = run_audits(sets, reward)
         else:
-            audits = self._run_audits(sets) if self.trainer.is_global_zero else None
+            audits = run_audits(sets, reward) if self.trainer.is_global_zero else None
             audits = self.trainer.strategy.broadcast(audits, src=0)
         self.gold_audits = audits
         for name, audit in audits.items():
@@ -184,20 +186,8 @@ class HybridDataModule(L.LightningDataModule):
                     self.prompt_examples = kept
                 else:
                     self.eval_examples[name] = kept
-            self._report_audit(name, audit, dropped=len(bad) if self.gold_audit == "drop" else None)
-
-    def _run_audits(self, sets: dict[str, list[Example]]) -> dict[str, GoldAudit]:
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        reward = getattr(module, "reward", None)
-        own = not isinstance(reward, MathReward)
-        reward = MathReward() if own else reward
-        try:
-            return {
-                name: audit_golds([e.answer for e in examples], reward) for name, examples in sets.items()
-            }
-        finally:
-            if own:
-                reward.close()
+            dropped = len(bad) if self.gold_audit == "drop" else None
+            report_audit(self.trainer, name, f"{self._describe(name)}: {audit.summary()}", audit, dropped)
 
     def _describe(self, name: str) -> str:
         """The option and file of a set, for messages: `data.prompts (/data/train.jsonl)`."""
@@ -207,28 +197,6 @@ class HybridDataModule(L.LightningDataModule):
         option = "data.prompts" if name == PROMPT_SET else f"data.eval_sets.{name}"
         split = f"[{source.split}]" if source.split else ""
         return f"{option} ({source.path}{split})"
-
-    def _report_audit(self, name: str, audit: GoldAudit, dropped: int | None) -> None:
-        """The counts and examples in the log (rank zero) and in the trainer's loggers."""
-        summary = f"{self._describe(name)}: {audit.summary()}"
-        if dropped is not None:
-            summary += f"\n  dropped {dropped} of {len(audit.flags)} (data.gold_audit=drop)"
-        (rank_zero_warn if audit.unparsable or audit.lossy else rank_zero_info)(summary)
-        trainer = self.trainer
-        if trainer is None or not trainer.is_global_zero:
-            return
-        metrics = {
-            f"data/{name}/unparsable_golds": float(audit.unparsable),
-            f"data/{name}/lossy_golds": float(audit.lossy),
-        }
-        if dropped is not None:
-            metrics[f"data/{name}/dropped_prompts"] = float(dropped)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-            add_text = getattr(logger.experiment, "add_text", None)  # TensorBoard's SummaryWriter
-            if callable(add_text):
-                text = "\n".join(f"    {line}" for line in summary.splitlines())  # markdown: verbatim
-                add_text(f"data/{name}/gold_audit", text, trainer.global_step)
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.rank is not None:
