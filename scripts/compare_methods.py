@@ -178,7 +178,18 @@ def run_one(command: list[str], result: RunResult, threads: int) -> RunResult:
     if code != 0:
         result.error = f"exit code {code}, see {run_dir / 'stdout.log'}"
         return result
+    (run_dir / "wall_time.json").write_text(json.dumps({"wall_time_s": result.wall_time}))
     return collect(result)
+
+
+def finished(result: RunResult) -> RunResult | None:
+    """The run's results when an earlier invocation completed it (`--reuse`), else None."""
+    marker = Path(result.run_dir) / "wall_time.json"
+    if not marker.is_file():
+        return None
+    result.wall_time = json.loads(marker.read_text())["wall_time_s"]
+    collected = collect(result)
+    return collected if collected.ok else None
 
 
 def collect(result: RunResult) -> RunResult:
@@ -404,7 +415,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per RL run")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "compare", help="run folders")
     parser.add_argument("--out", type=Path, default=ROOT / "results", help="report and plots")
-    parser.add_argument("--reuse", action="store_true", help="reuse <work>/sft/policy if it exists")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse <work>/sft/policy and RL runs an earlier invocation finished",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and budget: a smoke test")
     parser.add_argument(
         "--set",
@@ -467,9 +482,12 @@ def main(argv: list[str] | None = None) -> Path:
     start = time.perf_counter()
     done: list[RunResult] = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, command, result, args.threads) for command, result in jobs]
+        futures = []
+        for command, result in jobs:
+            earlier = finished(result) if args.reuse else None
+            futures.append(earlier if earlier else pool.submit(run_one, command, result, args.threads))
         for future in futures:
-            result = future.result()
+            result = future if isinstance(future, RunResult) else future.result()
             done.append(result)
             status = f"accuracy {result.final.get('accuracy', math.nan):.3f}" if result.ok else result.error
             eta = (time.perf_counter() - start) / len(done) * (len(jobs) - len(done))

@@ -124,7 +124,8 @@ def test_rl_workers_sample_identical_completions_and_report_every_figure(bench, 
         (round_,) = run["rounds"]
         assert {"generation_s", "update_s", "seconds", "tokens", "digest"} <= set(round_), name
         assert 0 < round_["generation_s"] + round_["update_s"] < round_["seconds"], name
-        assert 0 < run["cpu_share"] <= 1.5
+        # CPU time over wall time of this process: at most its intra-op threads (plus slack).
+        assert 0 < run["cpu_share"] <= torch.get_num_threads() + 0.5, name
     for name in ("egspo", "egspo-hf"):
         identical, counts_agree, _ = bench.same_tokens(runs[name], runs["trl"])
         assert identical and counts_agree, name

@@ -24,7 +24,7 @@ def _experience(n: int = 8, prompt: int = 3, completion: int = 5) -> Experience:
 def test_minibatches_cover_every_row_once_and_keep_rows_aligned():
     exp = _experience()
     seen = []
-    for mb in exp.minibatches(2, generator=torch.Generator().manual_seed(0)):
+    for mb in exp.minibatches(len(exp) // 2, generator=torch.Generator().manual_seed(0)):
         assert len(mb) == 2
         rows = (mb.input_ids[:, 0] // exp.input_ids.shape[1]).tolist()
         seen += rows
@@ -46,18 +46,16 @@ def test_minibatch_trims_columns_no_row_uses():
 
 def test_whole_batch_minibatch_is_the_experience_itself():
     exp = _experience()
-    (mb,) = list(exp.minibatches(len(exp)))
+    (mb,) = list(exp.minibatches(1))
     assert mb is exp
 
 
-def test_minibatch_size_must_divide_batch():
+def test_rows_beyond_a_multiple_are_spread_over_the_minibatches():
     exp = _experience(n=6)
-    try:
-        list(exp.minibatches(4))
-    except ValueError as err:
-        assert "mini_batch_size=4" in str(err)
-    else:
-        raise AssertionError("expected a ValueError")
+    batches = list(exp.minibatches(4, generator=torch.Generator().manual_seed(0)))
+    assert sorted(len(mb) for mb in batches) == [1, 1, 2, 2]
+    rows = sorted(r for mb in batches for r in (mb.input_ids[:, 0] // exp.input_ids.shape[1]).tolist())
+    assert rows == list(range(6))
 
 
 def test_pack_rows_respects_the_budget_and_covers_every_row_once():

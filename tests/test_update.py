@@ -68,6 +68,20 @@ def test_one_rl_iteration_from_the_plain_components(parts):
     assert steps[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # first step: still the rollout policy
 
 
+def test_extra_rows_keep_the_configured_number_of_steps(parts):
+    """UEC-RL joins samples of hard prompts to the batch: 10 rows at mini_batch_size 4 are 2 steps."""
+    policy, experience, _, _ = parts
+    policy = copy.deepcopy(policy)
+    joined = experience.select(torch.cat([torch.arange(8), torch.arange(2)]))
+    loss = PPOClipLoss()
+    loss.setup(vocab_size=policy.config.vocab_size, max_completion_length=10)
+    update = PolicyUpdate(loss, NLLLoss(), NLLLoss(), UpdateConfig(mini_batch_size=4), temperature=1.0)
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
+    steps = update.rl_iteration(policy, optimizer, joined, threshold=None)
+    assert len(steps) == 2
+    assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
+
+
 def _update_delta(policy, loss, experience, threshold, budget, *, mu=0.0, demonstrations=None, mix=None):
     """Weight change of one SGD step (lr 1): minus the accumulated gradient."""
     policy = copy.deepcopy(policy)

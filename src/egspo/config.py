@@ -136,7 +136,8 @@ class UpdateConfig:
     Args:
         ppo_epochs: passes over each rollout batch.
         mini_batch_size: sequences per optimizer step in RL, per process (default: the whole
-            rollout batch, one step per iteration). Must divide the rollout batch.
+            rollout batch, one step per iteration). Must divide the rollout batch; rows UEC-RL
+            adds to it are spread over the mini-batches.
         sft_batch_size: demonstrations per optimizer step in the warm-up (default: all of the
             iteration's).
         ppo_max_token_len_per_gpu: token budget of one forward/backward (verl's name). Each

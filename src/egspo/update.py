@@ -23,7 +23,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from egspo.config import UpdateConfig
 from egspo.data.encoding import EncodedDemonstrations
-from egspo.distributed import all_ranks_agree
+from egspo.distributed import all_ranks_agree, gather_objects
 from egspo.losses import PolicyLoss, SFTLoss, TokenBatch
 from egspo.losses.aggregation import aggregation_units
 from egspo.rollout.experience import Experience, pack_rows
@@ -110,9 +110,11 @@ class PolicyUpdate:
         Returns the metrics of every step, in order.
         """
         size = mini_batch_size or self.config.mini_batch_size or len(experience)
+        # As many steps on every process (each steps in lock-step), however many rows it holds.
+        count = max(gather_objects(max(len(experience) // size, 1)))
         results = []
         for _ in range(self.config.ppo_epochs):
-            for minibatch in experience.minibatches(size):
+            for minibatch in experience.minibatches(count):
                 losses = self._rl_losses(policy, minibatch, threshold, 1.0 - mu)
                 if mu > 0:
                     losses = _chain(

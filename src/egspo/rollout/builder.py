@@ -14,19 +14,14 @@ import torch
 from torch import Tensor
 
 from egspo.advantages import group_advantages
-from egspo.distributed import any_rank
 from egspo.losses import masked_mean
 from egspo.rewards import RewardFunction, RewardOutput
 from egspo.rewards.oger import OGERBonus, embed_rollouts_and_teachers
 from egspo.rollout.engine import Rollout, SamplingParams
-from egspo.rollout.experience import Experience, concat_rows
-from egspo.rollout.exploration import (
-    UECConfig,
-    exploration_advantages,
-    hard_prompts,
-    select_exploration_samples,
-)
+from egspo.rollout.experience import Experience
+from egspo.rollout.exploration import UECConfig
 from egspo.rollout.groups import Groups, Refill, constant_groups, dynamic_sampling, overlong_penalty
+from egspo.rollout.uec_step import explore_hard_prompts
 from egspo.scoring import token_logprobs
 
 if TYPE_CHECKING:
@@ -142,7 +137,17 @@ class ExperienceBuilder:
         advantages = group_advantages(rewards, g, scale=self.config.advantage_scale)
         experience = _experience(groups, (old_logprobs, entropy, ref_logprobs), rewards, advantages, excluded)
         if self.uec is not None:
-            experience = self._explore(policy, groups, experience, stats)
+
+            def to_experience(explored: Groups, temperature: float, advantages: Tensor, excluded: Tensor):
+                old, entropy, ref = self._score(policy, explored.rollout, temperature)
+                old = old if experience.old_logprobs is not None else None
+                return _experience(explored, (old, entropy, ref), explored.rewards, advantages, excluded)
+
+            experience = explore_hard_prompts(
+                groups, experience, uec=self.uec, params=self.exploration, group_size=g,
+                temperature=self.config.temperature, scale=self.config.advantage_scale,
+                sample=partial(self.sample, policy), to_experience=to_experience, stats=stats,
+            )  # fmt: skip
         if not bool(experience.excluded.any()):
             experience.excluded = None
         t2 = clock(device)
@@ -202,54 +207,6 @@ class ExperienceBuilder:
             rewards = rewards + penalty
             stats["reward/overlong_penalty"] = float(penalty.mean())
         return rewards
-
-    def _explore(
-        self, policy: torch.nn.Module, groups: Groups, experience: Experience, stats: dict[str, float]
-    ) -> Experience:
-        """UEC-RL's targeted exploration: `exploration_samples` more samples of each hard prompt at
-        `exploration_temperature`, scored at that temperature, joined to the batch.
-
-        Advantages of a hard prompt's regular and expanded samples are taken over the joint group;
-        regular rows are kept where their advantage is non-zero, expanded ones where it is >= 0
-        (the rules are `egspo.rollout.exploration`'s). Every process samples when any has a hard
-        prompt (a sharded model generates in lock-step): one without samples its first prompt and
-        discards it.
-        """
-        uec, g = self.uec, self.config.num_generations
-        hard = hard_prompts(groups.rewards, groups.correct, g, uec.hard_rule)
-        index = hard.nonzero().flatten().tolist()
-        experience.temperature = torch.full_like(experience.rewards, float(self.config.temperature))
-        stats["uec/hard_prompts"] = len(index) / len(hard)
-        if not any_rank(bool(index)):
-            return experience
-        pick = index or [0]
-        expanded = self.sample(
-            policy,
-            [groups.questions[i * g] for i in pick],
-            [groups.answers[i * g] for i in pick],
-            self.exploration,
-        )
-        if not index:
-            return experience
-        gx = self.exploration.num_samples
-        advantages, expanded_advantages = exploration_advantages(
-            experience.rewards, expanded.rewards, hard, g, gx, scale=self.config.advantage_scale,
-            advantage_group=uec.advantage_group,
-        )  # fmt: skip
-        keep, keep_expanded = select_exploration_samples(
-            advantages, expanded_advantages, regular_keep=uec.regular_keep, expanded_keep=uec.expanded_keep
-        )
-        experience.advantages = advantages
-        experience.excluded = experience.excluded | ~keep
-        old, entropy, ref = self._score(policy, expanded.rollout, self.exploration.temperature)
-        explored = _experience(
-            expanded, (old if experience.old_logprobs is not None else None, entropy, ref),
-            expanded.rewards, expanded_advantages, ~keep_expanded,
-        )  # fmt: skip
-        explored.temperature = torch.full_like(expanded.rewards, self.exploration.temperature)
-        stats["uec/expanded_success"] = float(expanded.correct.float().mean())
-        stats["uec/expanded_kept"] = float(keep_expanded.float().mean())
-        return concat_rows([experience, explored], self.sampling.pad_token_id)
 
     def sample(
         self,

@@ -56,17 +56,19 @@ class Experience:
         prompt = self.completion_mask.new_zeros(len(self), self.prompt_length)
         return torch.cat([prompt, self.completion_mask], dim=1)
 
-    def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Experience]:
-        """Shuffled mini-batches of `size` sequences; `size` must divide the batch."""
+    def minibatches(self, count: int, generator: torch.Generator | None = None) -> Iterator[Experience]:
+        """The rows shuffled into `count` mini-batches whose sizes differ by at most one row.
+
+        Rows beyond a multiple of `count` (UEC-RL joins extra samples of hard prompts to a batch)
+        are spread over the mini-batches, so the number of optimizer steps stays what was configured.
+        """
         n = len(self)
-        if size >= n:
+        if count <= 1:
             yield self
             return
-        if n % size:
-            raise ValueError(f"mini_batch_size={size} does not divide the rollout batch of {n} sequences")
         order = torch.randperm(n, generator=generator)
-        for start in range(0, n, size):
-            yield self.select(order[start : start + size])
+        for rows in order.tensor_split(min(count, n)):
+            yield self.select(rows)
 
     def microbatches(self, max_tokens: int | None) -> list[Experience]:
         """This batch packed into micro-batches of at most `max_tokens` attended tokens each, one
