@@ -42,7 +42,8 @@ weights, so both stop alike.
 
     pip install -e ".[bench]"
     python scripts/bench.py --quick --output /tmp/BENCHMARKS.quick.md   # smoke run of every CPU row (minutes)
-    python scripts/bench.py --lengths limit,varied --fused-quick --replace-all --output BENCHMARKS.md  # hours
+    python scripts/bench.py --rows rl --lengths varied --output BENCHMARKS.md   # about 70 minutes on 2 cores
+    python scripts/bench.py --lengths limit,varied --fused-quick --replace-all --output BENCHMARKS.md  # about 3 hours
     python scripts/bench.py --device cuda --rows gpu --output BENCHMARKS.md
 """
 
