@@ -25,18 +25,13 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from egspo.components import build_components
 from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
 from egspo.distributed import FSDPConfig, gather_variable, shard_policy
 from egspo.evaluation import Evaluator, RunSummary, eval_seed
 from egspo.losses import EGSPOLoss, NLLLoss, PolicyLoss, SFTLoss
-from egspo.model import (
-    PolicyConfig,
-    kl_reference,
-    load_policy,
-    load_tokenizer,
-    stop_token_ids,
-)
+from egspo.model import PolicyConfig, load_policy, load_tokenizer
 from egspo.rewards import MathReward, RewardFunction
 from egspo.rewards.oger import OGERBonus
 from egspo.rollout.builder import ExperienceBuilder, clock
@@ -167,33 +162,13 @@ class HybridRLModule(LightningModule):
                 vocab_size=self.policy.config.vocab_size,
                 max_completion_length=self.rollout.max_completion_length,
             )
-            stops = self.rollout.stop_token_ids or stop_token_ids(self.tokenizer, self.policy)
-            pad = self.tokenizer.pad_token_id
-            replay = self.uec is not None and self.uec.replay_capacity > 0
-            self.reference = kl_reference(self.policy) if self.policy_loss.beta > 0 else None
-            self.experience_builder = ExperienceBuilder(
-                self.encoder,
-                self.reward,
-                self.rollout,
-                stop_token_ids=stops,
-                pad_token_id=pad,
-                # The replay buffer keeps behaviour log-probs, so a replayed row has its importance ratio.
-                score_old=lambda n: replay or self.update_config.needs_old_logprobs(n),
-                reference=self.reference,
-                logprob_chunk_size=self.update_config.logprob_chunk_size,
-                exploration_bonus=self.exploration_bonus,
-                uec=self.uec,
-            )
-            if replay:
-                self.replay = ReplayStabiliser(self.uec, pad)
-            self.evaluator = Evaluator(
-                self.encoder,
-                self.reward,
-                self.eval_config,
-                self.rollout,
-                stop_token_ids=stops,
-                pad_token_id=pad,
-            )
+            parts = build_components(
+                self.policy, self.tokenizer, self.encoder, self.reward, rollout=self.rollout,
+                update=self.update_config, evaluation=self.eval_config, policy_loss=self.policy_loss,
+                exploration_bonus=self.exploration_bonus, uec=self.uec,
+            )  # fmt: skip
+            self.experience_builder, self.evaluator = parts.experience_builder, parts.evaluator
+            self.reference, self.replay = parts.reference, parts.replay
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (FSDPStrategy wraps itself)
             shard_policy(self.policy, self.device_mesh, self.fsdp_config)
 
@@ -274,15 +249,13 @@ class HybridRLModule(LightningModule):
             scheduler=self.learning_rates.scheduler,
         )
         if self.replay is not None:  # UEC-RL's stabiliser: a replay update every few iterations
-            self.replay.add(experience, self.rollout.temperature, self.rl_iteration)
-            replayed = self.replay.batch_due(self.rl_iteration, self.device)
-            if replayed is not None:
-                replay_steps = self.update.rl_iteration(
-                    self.policy, self.optimizers(), replayed, threshold=threshold,
-                    mini_batch_size=len(replayed), scheduler=self.learning_rates.scheduler,
-                )  # fmt: skip
-                self.log_dict({f"replay/{k}": v for k, v in replay_steps[-1].items()})
-            self.log_dict(self.replay.metrics(self.rl_iteration))
+            self.log_dict(
+                self.update.replay_iteration(
+                    self.policy, self.optimizers(), self.replay, experience, threshold=threshold,
+                    temperature=self.rollout.temperature, rl_iteration=self.rl_iteration,
+                    scheduler=self.learning_rates.scheduler,
+                )
+            )  # fmt: skip
         self.log("time/update", clock(self.device) - start)
 
         # Rollout statistics, averaged over ranks (every rank holds as many rollouts).
