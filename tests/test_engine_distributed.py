@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ports import free_port
 from tiny_model import tiny_qwen2
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -93,12 +93,6 @@ def _rank_main(
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_ranks(args: tuple) -> None:
     """Spawn the ranks; fail (and kill them) if they are not done within TIMEOUT_S."""
     context = mp.start_processes(_rank_main, args=args, nprocs=WORLD, join=False, start_method="spawn")
@@ -119,7 +113,7 @@ def test_sharded_ranks_decode_in_lockstep_and_match_unsharded_greedy(tmp_path):
         f"want rank 0 to stop early, rank 1 at the limit: {lengths}"
     )
     torch.save(model.state_dict(), tmp_path / "state.pt")
-    _run_ranks((_free_port(), str(tmp_path / "state.pt"), prompts, params, str(tmp_path)))
+    _run_ranks((free_port(), str(tmp_path / "state.pt"), prompts, params, str(tmp_path)))
 
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")

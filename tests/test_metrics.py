@@ -3,12 +3,12 @@
 import itertools
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ports import free_port
 from tiny_model import tiny_qwen2_json
 
 from egspo.metrics import (
@@ -201,12 +201,6 @@ def _worker(rank: int, port: int, results):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_compute_across_two_processes_matches_one_process():
     whole, _first, _second = _shards()
@@ -215,7 +209,7 @@ def test_compute_across_two_processes_matches_one_process():
     expected = {k: float(v) for k, v in reference.compute().items()}
     manager = mp.Manager()
     results = manager.dict()
-    mp.start_processes(_worker, args=(_free_port(), results), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), results), nprocs=2, start_method="spawn")
     assert results[0] == pytest.approx(expected)
     assert results[1] == pytest.approx(expected)
 

@@ -46,6 +46,14 @@ class FSDPConfig:
                 raise ValueError(f"fsdp.{name}: {value!r} is not one of {sorted(DTYPES)}")
 
 
+# Lightning runs training_step inside the FSDP1 root's forward, where the update's several backward
+# passes are not allowed (Lightning issues #19626, #19685); FSDP2 has no such wrapper.
+FSDP1_REFUSAL = (
+    "FSDPStrategy (FSDP1) cannot run egspo's update; use "
+    "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see configs/fsdp_multinode.yaml"
+)
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when an FSDP2 unit sits anywhere in `model`."""
     from torch.distributed.fsdp import FSDPModule

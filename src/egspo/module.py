@@ -28,7 +28,7 @@ from torch import Tensor
 from egspo.components import build_components
 from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
-from egspo.distributed import FSDPConfig, gather_variable, shard_policy
+from egspo.distributed import FSDP1_REFUSAL, FSDPConfig, gather_variable, shard_policy
 from egspo.evaluation import Evaluator, RunSummary, eval_seed
 from egspo.losses import EGSPOLoss, NLLLoss, PolicyLoss, SFTLoss
 from egspo.model import PolicyConfig, load_policy, load_tokenizer
@@ -148,12 +148,7 @@ class HybridRLModule(LightningModule):
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
         if isinstance(self.trainer.strategy, FSDPStrategy):
-            # Lightning runs training_step inside the FSDP1 root's forward, where the update's
-            # several backward passes are not allowed (Lightning issues #19626, #19685).
-            raise ValueError(
-                "trainer.strategy: FSDPStrategy (FSDP1) cannot run egspo's update; use "
-                "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see configs/fsdp_multinode.yaml"
-            )
+            raise ValueError(f"trainer.strategy: {FSDP1_REFUSAL}")
 
     def configure_model(self) -> None:
         if self.policy is None:

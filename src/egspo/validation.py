@@ -46,10 +46,9 @@ def _check_strategy(trainer: Any) -> list[str]:
     strategy = _get(trainer, "strategy")
     name = strategy if isinstance(strategy, str) else str(_get(strategy, "class_path", ""))
     if name.startswith("fsdp") or name.endswith("FSDPStrategy"):
-        return [
-            f"trainer.strategy={name}: FSDPStrategy (FSDP1) cannot run egspo's update; use "
-            "lightning.pytorch.strategies.ModelParallelStrategy (FSDP2), see configs/fsdp_multinode.yaml"
-        ]
+        from egspo.distributed import FSDP1_REFUSAL
+
+        return [f"trainer.strategy={name}: {FSDP1_REFUSAL}"]
     return []
 
 
