@@ -116,7 +116,7 @@ def run_case(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() / 2**20
     start = time.perf_counter()
-    [step] = update.rl_iteration(policy, optimizer, experience, threshold=threshold)
+    [step] = update.rl_update(policy, optimizer, experience, threshold=threshold)
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() / 2**20

@@ -54,11 +54,11 @@ def _fit_error(capsys, *args: str) -> str:
             "error: model.rollout.num_generations=1: group-relative advantages need at least 2 samples per prompt\n",
         ),
         (
-            ["--model.policy_loss.init_args.gate.value=1.5"],
+            ["--trainer.callbacks=[]", "--model.policy_loss.init_args.gate.value=1.5"],
             "error: model.policy_loss.init_args.gate.value=1.5: the quantile gate takes a value in [0, 1]\n",
         ),
         (
-            ["--model.policy_loss.init_args.gate.value=-0.1"],
+            ["--trainer.callbacks=[]", "--model.policy_loss.init_args.gate.value=-0.1"],
             "error: model.policy_loss.init_args.gate.value=-0.1: the quantile gate takes a value in [0, 1]\n",
         ),
         (
@@ -82,8 +82,18 @@ def test_every_problem_is_reported_at_once(capsys, no_model):
     err = _fit_error(
         capsys, "--model.rollout.num_generations=1", "--model.policy_loss.init_args.gate.value=2"
     )
-    assert "model.rollout.num_generations=1" in err and "gate.value=2" in err
-    assert err.count("error:") == 2
+    assert "model.rollout.num_generations=1" in err and "the quantile gate takes a value in [0, 1]" in err
+    assert "trainer.callbacks[1] (GateScheduler) sets the gate's value" in err
+    assert err.count("error:") == 3
+
+
+def test_a_gate_value_has_one_writer(capsys, no_model):
+    """A gate value set in the loss and a GateScheduler that would overwrite it: refused in one line."""
+    err = _fit_error(capsys, "--model.policy_loss.init_args.gate.value=0.7")
+    assert err == (
+        "error: model.policy_loss.init_args.gate.value=0.7: trainer.callbacks[1] (GateScheduler) sets "
+        "the gate's value every RL iteration; leave the value out of the gate (one writer per value)\n"
+    )
 
 
 def test_gate_schedule_outside_the_unit_interval(capsys, no_model):

@@ -226,8 +226,8 @@ def test_phase_batches_resume_after_the_last_consumed_batch():
     assert dm.phases == [("sft", 0, 10), ("rl", 10, 40)]
     loader = dm.train_dataloader()  # no trainer: the first epoch, the warm-up
     full = list(loader)
-    assert len(loader) == 10 and [b["iteration"] for b in full] == list(range(10))
-    assert {b["phase"] for b in full} == {"sft"}
+    assert len(loader) == 10 and [b.iteration for b in full] == list(range(10))
+    assert {b.phase for b in full} == {"sft"}
     # Lightning fetches ahead: only what reached the step counts as done.
     loader.consumed(3)
     resumed = dm.train_dataloader()
@@ -259,9 +259,9 @@ def test_lightning_fit_runs_each_phase_as_an_epoch_and_sees_every_iteration_once
     trainer.fit(module, datamodule=dm)
     dm.rank = None  # rank now comes from the trainer
     dataset = dm.train_dataset()
-    assert [b["iteration"] for b in module.seen] == list(range(6))
-    assert [b["phase"] for b in module.seen] == ["sft"] * 2 + ["rl"] * 4
-    assert [b["prompts"] for b in module.seen] == [dataset[i]["prompts"] for i in range(6)]
+    assert [b.iteration for b in module.seen] == list(range(6))
+    assert [b.phase for b in module.seen] == ["sft"] * 2 + ["rl"] * 4
+    assert [b.prompts for b in module.seen] == [dataset[i]["prompts"] for i in range(6)]
 
 
 def test_eval_shards_cover_every_example_once_with_equal_lengths():
@@ -294,7 +294,7 @@ def test_real_data_module(gsm8k_train_path, gsm8k_test_path, math500_path):
     assert dm.eval_set_names == ["gsm8k", "math500"]
     assert [sum(len(b["prompts"]) for b in dl) for dl in dm.val_dataloader()] == [100, 100]
     batch = next(iter(dm.train_dataloader()))
-    assert all("####" in r for r in batch["expert_responses"])
+    assert all("####" in r for r in batch.expert_responses)
 
 
 def test_datamodule_errors(tmp_path):

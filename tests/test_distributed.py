@@ -196,7 +196,7 @@ def train(args: argparse.Namespace) -> None:
                     "reward": float(metrics["reward"]),
                     "entropy": exp.entropy[exp.completion_mask.bool()].tolist(),
                     "sharded": is_sharded(pl_module.policy),
-                    "skipped": pl_module.update.skipped_updates,
+                    "skipped": pl_module.policy_update.skipped_updates,
                 }
             )
 

@@ -17,10 +17,10 @@ import torch
 from lightning.pytorch import Callback
 from tiny_model import tiny_qwen2_json
 
+from egspo.checkpoint_io import AtomicCheckpointIO, atomic_torch_save
 from egspo.data.records import DataError, DataSource
 from egspo.losses import EGSPOLoss, LossOutput, TokenBatch
 from egspo.rewards import MathReward
-from egspo.run_state import AtomicCheckpointIO, atomic_torch_save
 from egspo.update import NonFiniteLossError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 SAVER = textwrap.dedent(
     """
     import sys, torch
-    from egspo.run_state import AtomicCheckpointIO
+    from egspo.checkpoint_io import AtomicCheckpointIO
     io, path = AtomicCheckpointIO(), sys.argv[1]
     for version in range(1, 10**6):
         io.save_checkpoint({"version": version, "weights": torch.full((2_000_000,), float(version))}, path)
@@ -139,7 +139,7 @@ def _tiny_cli(tmp_path: Path, *extra: str):
 def test_nonfinite_updates_are_skipped_counted_and_stop_the_run(tmp_path):
     cli = _tiny_cli(tmp_path, "--model.rl_iterations=8", "--model.update.max_nonfinite_updates=2")
     faults = {1: "loss", 3: "grad", 5: "loss", 6: "grad"}
-    cli.model.policy_loss = NaNOnCalls(faults, gate=cli.model.policy_loss.gate)
+    cli.model.policy_update.policy_loss = NaNOnCalls(faults, gate=cli.model.policy_loss.gate)
     watcher = StepWatcher()
     cli.trainer.callbacks.append(watcher)
     with pytest.raises(NonFiniteLossError, match=r"2 updates in a row .*max_nonfinite_updates=2"):

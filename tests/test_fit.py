@@ -97,7 +97,9 @@ def test_method_overlay_selects_its_loss(tmp_path):
             assert loss.clip_high == clip_high, method
         assert cli.model.mu(0) == mu, method
         # The CHORD overlay changes the loss mixed into RL, never the warm-up's.
-        assert isinstance(cli.model.update.mix_loss, ChordPhiLoss) == (method in ("chord_phi", "egspo_mu"))
+        assert isinstance(cli.model.policy_update.mix_loss, ChordPhiLoss) == (
+            method in ("chord_phi", "egspo_mu")
+        )
         assert (cli.model.exploration_bonus is not None) == (method == "oger")
         assert (cli.model.uec is not None) == (method == "uec_rl")
-        assert type(cli.model.update.warmup_loss) is NLLLoss
+        assert type(cli.model.policy_update.warmup_loss) is NLLLoss

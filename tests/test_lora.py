@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_model import tiny_qwen2
 
-from egspo.model import LoRAConfig, PolicyConfig, adapters_disabled, load_policy, load_tokenizer
+from egspo.model import KLReference, LoRAConfig, PolicyConfig, load_policy, load_tokenizer
 from egspo.scoring import token_logprobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +74,8 @@ def test_reference_is_the_base_with_adapters_disabled_not_a_copy():
             p.data.normal_(0, 0.5)
     with torch.no_grad():
         trained = token_logprobs(module.policy, ids, mask, score_mask).logprobs
-        with adapters_disabled(module.policy):
+        with KLReference()(module.policy) as reference_model:
+            assert reference_model is module.policy  # the same model, adapters off: no copy
             reference = token_logprobs(module.policy, ids, mask, score_mask).logprobs
         for name, p in module.policy.named_parameters():
             if "lora_B" in name:

@@ -164,13 +164,13 @@ def test_dr_grpo_constant_defaults_to_max_completion_length_and_ignores_padding_
     def loss_of(experience) -> float:
         update = PolicyUpdate(
             module.policy_loss,
-            module.update.warmup_loss,
-            module.update.mix_loss,
+            module.policy_update.warmup_loss,
+            module.policy_update.mix_loss,
             UpdateConfig(),
             temperature=1.0,
         )
         optimizer = torch.optim.SGD(module.policy.parameters(), lr=0.0)
-        [step] = update.rl_iteration(module.policy, optimizer, experience, threshold=None)
+        [step] = update.rl_update(module.policy, optimizer, experience, threshold=None)
         return step["loss"]
 
     narrow = _experience([2, 5, 7, 4], width=7)

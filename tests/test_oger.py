@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from egspo.advantages import group_advantages
-from egspo.rewards.oger import BonusSchedule, OGERBonus, mean_pool_embeddings
+from egspo.methods.oger import OGER, BonusSchedule, mean_pool_embeddings
 from egspo.schedules import ChordMuSchedule
 
 
-def call(bonus: OGERBonus, emb, teachers, rewards, correct, entropy=None, mask=None, g=None, k=0, **kw):
+def call(bonus: OGER, emb, teachers, rewards, correct, entropy=None, mask=None, g=None, k=0, **kw):
     n = len(rewards)
     entropy = torch.zeros(n, 3) if entropy is None else entropy
     mask = torch.ones(n, 3) if mask is None else mask
@@ -57,7 +57,7 @@ def test_bonus_values_by_hand_one_teacher():
     emb = [[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [3.0, 0.0]]
     entropy = torch.tensor([[0.0, 0.0, 0.0], [0.5, 1.5, 9.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 1]]).float()
-    bonus, metrics = call(OGERBonus(), emb, teacher, [1, 1, 1, 0], [1, 1, 1, 0], entropy, mask)
+    bonus, metrics = call(OGER(), emb, teacher, [1, 1, 1, 0], [1, 1, 1, 0], entropy, mask)
     cap = min(0.1, 0.5 * 1.0)
     expected = torch.tensor(
         [
@@ -79,9 +79,9 @@ def test_entropy_term_off_and_mean_combination():
     emb = [[1.0, 1.0], [0.0, 1.0]]
     entropy = torch.full((2, 3), 2.0)
     d = 1 - 1 / math.sqrt(2)
-    off, _ = call(OGERBonus(entropy_temperature=None), emb, teacher, [1, 0], [1, 0], entropy)
+    off, _ = call(OGER(entropy_temperature=None), emb, teacher, [1, 0], [1, 0], entropy)
     torch.testing.assert_close(off, torch.tensor([0.1 * d, 0.0]))
-    mean, _ = call(OGERBonus(combine="mean", entropy_temperature=2.0), emb, teacher, [1, 1], [1, 1], entropy)
+    mean, _ = call(OGER(combine="mean", entropy_temperature=2.0), emb, teacher, [1, 1], [1, 1], entropy)
     torch.testing.assert_close(mean, 0.1 * torch.tensor([(d + math.exp(-1)) / 2, (0 + math.exp(-1)) / 2]))
 
 
@@ -89,9 +89,9 @@ def test_several_teachers_max_and_mean_similarity():
     teachers = [torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])]
     emb = [[1.0, 1.0]]
     c = 1 / math.sqrt(2)
-    nearest, _ = call(OGERBonus(), emb, teachers, [1], [1])
+    nearest, _ = call(OGER(), emb, teachers, [1], [1])
     torch.testing.assert_close(nearest, torch.tensor([0.1 * (1 - c)]))  # max similarity: the nearest teacher
-    mean, _ = call(OGERBonus(similarity="mean"), emb, teachers, [1], [1])
+    mean, _ = call(OGER(similarity="mean"), emb, teachers, [1], [1])
     torch.testing.assert_close(mean, torch.tensor([0.1 * (1 - c / 3)]))
 
 
@@ -106,8 +106,8 @@ def test_padded_teacher_tensor_equals_the_list_form_and_padding_slots_are_inert(
         present[i, : len(t)] = True
     rewards, correct = [1, 0, 1, 1, 1, 0], [1, 0, 1, 1, 1, 0]
     for sim in ("max", "mean"):
-        a, ma = call(OGERBonus(similarity=sim), emb, lists, rewards, correct, g=2)
-        b, mb = call(OGERBonus(similarity=sim), emb, padded, rewards, correct, g=2, teacher_mask=present)
+        a, ma = call(OGER(similarity=sim), emb, lists, rewards, correct, g=2)
+        b, mb = call(OGER(similarity=sim), emb, padded, rewards, correct, g=2, teacher_mask=present)
         torch.testing.assert_close(a, b)
         assert ma == pytest.approx(mb)
     # The prompt without teachers gets no bonus, and is counted.
@@ -120,10 +120,10 @@ def test_masked_entropy_and_empty_rollouts_are_inert():
     emb = [[1.0, 0.0], [0.0, 0.0]]
     mask = torch.tensor([[1, 1, 0], [0, 0, 0]]).float()
     entropy = torch.tensor([[0.2, 0.4, 0.0], [0.0, 0.0, 0.0]])
-    base, _ = call(OGERBonus(), emb, teacher, [1, 1], [1, 1], entropy, mask)
+    base, _ = call(OGER(), emb, teacher, [1, 1], [1, 1], entropy, mask)
     entropy[0, 2] = 50.0
     entropy[1] = 7.0
-    again, _ = call(OGERBonus(), emb, teacher, [1, 1], [1, 1], entropy, mask)
+    again, _ = call(OGER(), emb, teacher, [1, 1], [1, 1], entropy, mask)
     assert torch.equal(base, again)
     assert base[0] == pytest.approx(0.1 * math.exp(-0.3))
     assert base[1] == 0.0  # no tokens: nothing to reward
@@ -135,7 +135,7 @@ def test_cap_follows_the_smallest_reward_gap_of_each_group():
     emb = [[1.0, 0.0]] * 9  # divergence 1, confidence 1: the bonus is the cap
     rewards = [1.0, 0.1, 0.0, 1.0, 1.0, 1.0, 1.0, 0.9, 0.0]  # gaps: 0.1, none, 0.1
     correct = [1, 0, 0, 1, 1, 1, 1, 1, 0]
-    bonus, metrics = call(OGERBonus(weight=0.3, margin=0.4), emb, teacher, rewards, correct, g=3)
+    bonus, metrics = call(OGER(weight=0.3, margin=0.4), emb, teacher, rewards, correct, g=3)
     torch.testing.assert_close(bonus, torch.tensor([0.04, 0, 0, 0.3, 0.3, 0.3, 0.04, 0.04, 0]))
     assert metrics["oger/cap_mean"] == pytest.approx((0.04 + 0.3 + 0.04) / 3)
 
@@ -153,16 +153,16 @@ def test_bonus_schedule_values():
 
 def test_schedule_scales_the_bonus_and_must_stay_in_unit_range():
     teacher = [torch.tensor([[0.0, 1.0]])]
-    oger = OGERBonus(schedule=BonusSchedule(warmup_iterations=10))
+    oger = OGER(schedule=BonusSchedule(warmup_iterations=10))
     b0, m0 = call(oger, [[1.0, 0.0]], teacher, [1], [1], k=0)
     b5, m5 = call(oger, [[1.0, 0.0]], teacher, [1], [1], k=5)
     assert b0.item() == 0.0 and m0["oger/rewarded_fraction"] == 0.0
     assert b5.item() == pytest.approx(0.05) and m5["oger/schedule"] == 0.5
-    chord = OGERBonus(schedule=ChordMuSchedule(peak=1.0, valley=0.0, decay_iterations=100))  # any callable
+    chord = OGER(schedule=ChordMuSchedule(peak=1.0, valley=0.0, decay_iterations=100))  # any callable
     assert call(chord, [[1.0, 0.0]], teacher, [1], [1], k=0)[0].item() == pytest.approx(0.1)
     assert call(chord, [[1.0, 0.0]], teacher, [1], [1], k=100)[0].item() == pytest.approx(0.0)
     with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
-        call(OGERBonus(schedule=lambda k: 2.0), [[1.0, 0.0]], teacher, [1], [1])
+        call(OGER(schedule=lambda k: 2.0), [[1.0, 0.0]], teacher, [1], [1])
 
 
 # ------------------------------------------------------------------ the ordering guarantee
@@ -191,7 +191,7 @@ def test_property_shaped_reward_never_ranks_a_wrong_rollout_above_a_right_one():
         emb = torch.randn(n, d, generator=gen)
         entropy = torch.rand(n, 5, generator=gen) * 3
         mask = (torch.rand(n, 5, generator=gen) < 0.8).float()
-        oger = OGERBonus(
+        oger = OGER(
             weight=float(torch.rand(1, generator=gen)) * 5 + 1e-3,
             margin=float(torch.rand(1, generator=gen)) * 0.98 + 0.01,
             similarity="max" if trial % 3 else "mean",
@@ -237,33 +237,33 @@ def test_property_shaped_reward_never_ranks_a_wrong_rollout_above_a_right_one():
 )
 def test_options_are_validated(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        OGERBonus(**kwargs)
+        OGER(**kwargs)
 
 
 def test_shapes_are_validated():
     teacher = [torch.tensor([[0.0, 1.0]])]
     with pytest.raises(ValueError, match="multiple of group_size"):
-        call(OGERBonus(), [[1.0, 0.0]] * 3, teacher, [1, 1, 1], [1, 1, 1], g=2)
+        call(OGER(), [[1.0, 0.0]] * 3, teacher, [1, 1, 1], [1, 1, 1], g=2)
     with pytest.raises(ValueError, match="one per prompt"):
-        call(OGERBonus(), [[1.0, 0.0]] * 2, teacher * 2, [1, 1], [1, 1], g=2)
+        call(OGER(), [[1.0, 0.0]] * 2, teacher * 2, [1, 1], [1, 1], g=2)
     with pytest.raises(ValueError, match=r"\[K, D=2\]"):
-        call(OGERBonus(), [[1.0, 0.0]], [torch.ones(1, 3)], [1], [1])
+        call(OGER(), [[1.0, 0.0]], [torch.ones(1, 3)], [1], [1])
 
 
 def test_constructible_from_yaml_with_a_schedule():
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser()
-    parser.add_argument("--bonus", type=OGERBonus | None)
+    parser.add_argument("--bonus", type=OGER | None)
     config = parser.parse_object(
         {
             "bonus": {
-                "class_path": "egspo.rewards.oger.OGERBonus",
+                "class_path": "egspo.methods.oger.OGER",
                 "init_args": {
                     "weight": 0.2,
                     "similarity": "mean",
                     "schedule": {
-                        "class_path": "egspo.rewards.oger.BonusSchedule",
+                        "class_path": "egspo.methods.oger.BonusSchedule",
                         "init_args": {"decay_iterations": 100},
                     },
                 },
@@ -271,5 +271,5 @@ def test_constructible_from_yaml_with_a_schedule():
         }
     )
     bonus = parser.instantiate(config).bonus
-    assert isinstance(bonus, OGERBonus) and bonus.weight == 0.2 and bonus.similarity == "mean"
+    assert isinstance(bonus, OGER) and bonus.weight == 0.2 and bonus.similarity == "mean"
     assert bonus.scale(50) == pytest.approx(0.5)

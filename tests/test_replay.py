@@ -1,4 +1,4 @@
-"""UEC-RL's pieces: hard prompts, exploration advantages, the selection rule, and the replay buffer."""
+"""UEC-RL's pieces: hard prompts, advantages over joint groups, the selection rule, and the replay buffer."""
 
 from __future__ import annotations
 
@@ -9,15 +9,23 @@ import pytest
 import torch
 from tiny_model import tiny_qwen2
 
-from egspo.advantages import group_advantages
+from egspo.advantages import group_advantages, indexed_group_advantages
+from egspo.methods.uec import UECRL, expanded_groups, hard_prompts, select_exploration_samples
+from egspo.methods.uec_replay import ReplayBuffer
 from egspo.rollout.experience import Experience, concat_rows
-from egspo.rollout.exploration import (
-    UECConfig,
-    exploration_advantages,
-    hard_prompts,
-    select_exploration_samples,
-)
-from egspo.rollout.replay import ReplayBuffer
+
+
+def exploration_advantages(
+    rewards, expanded_rewards, hard, group_size, expanded_size, scale="group", advantage_group="joint"
+):
+    """The advantages the builder computes for regular rows followed by UEC-RL's expanded rows."""
+    n = rewards.numel()
+    ids = torch.cat(
+        [torch.arange(n) // group_size, expanded_groups(hard, group_size, expanded_size, advantage_group)]
+    )
+    advantages = indexed_group_advantages(torch.cat([rewards, expanded_rewards]), ids, scale)
+    return advantages[:n], advantages[n:]
+
 
 PAD = 0
 
@@ -73,23 +81,23 @@ def assert_experiences_equal(a: Experience, b: Experience) -> None:
 
 # ------------------------------------------------------------------ options
 def test_uec_config_defaults_and_validation():
-    config = UECConfig()
-    assert (config.exploration_temperature, config.replay_capacity, config.replay_min_advantage) == (
+    config = UECRL()
+    assert (config.exploration_temperature, config.replay.capacity, config.replay.min_advantage) == (
         1.2,
         128,
         1.0,
     )
     with pytest.raises(ValueError, match="exploration_temperature"):
-        UECConfig(exploration_temperature=0.0)
+        UECRL(exploration_temperature=0.0)
     with pytest.raises(ValueError, match="expanded_keep"):
-        UECConfig(expanded_keep="all")
+        UECRL(expanded_keep="all")
     with pytest.raises(ValueError, match="replay_every"):
-        UECConfig(replay_every=0)
+        UECRL(replay_every=0)
 
 
 def test_replay_rhythm_is_a_function_of_the_iteration():
-    assert [k for k in range(12) if UECConfig(replay_every=4).replay_due(k)] == [3, 7, 11]
-    assert not any(UECConfig(replay_capacity=0).replay_due(k) for k in range(12))
+    assert [k for k in range(12) if UECRL(replay_every=4).replay_due(k)] == [3, 7, 11]
+    assert not any(UECRL(replay_capacity=0).replay_due(k) for k in range(12))
 
 
 # ------------------------------------------------------------------ targeted exploration
@@ -124,8 +132,6 @@ def test_joint_and_separate_groups_by_hand():
     )
     torch.testing.assert_close(regular, group_advantages(rewards, 2))
     torch.testing.assert_close(expanded, group_advantages(expanded_rewards, 2))
-    with pytest.raises(ValueError, match="hard prompts"):
-        exploration_advantages(rewards, torch.zeros(3), hard, 2, 2)
 
 
 def test_batch_scale_uses_the_std_of_regular_and_expanded_rewards():
@@ -370,21 +376,24 @@ def test_replay_batch_drives_a_policy_update_with_ratio_one_against_its_behaviou
     assert not torch.allclose(other.logprobs[:, q:][valid], batch.old_logprobs[valid], atol=1e-3)
     update = PolicyUpdate(PPOClipLoss(), NLLLoss(), NLLLoss(), UpdateConfig(), temperature=temperature)
     before = [w.detach().clone() for w in policy.parameters()]
-    (step,) = update.rl_iteration(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, threshold=None)
+    (step,) = update.rl_update(policy, torch.optim.SGD(policy.parameters(), lr=0.1), batch, threshold=None)
     assert step["ratio_mean"] == pytest.approx(1.0, abs=1e-5)
     assert step["clip_frac_low"] == 0.0 and step["clip_frac_high"] == 0.0
     assert torch.isfinite(torch.tensor(step["loss"]))
     assert any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True))
 
 
-def test_uec_config_is_constructible_from_yaml():
+def test_uec_is_constructible_from_yaml_as_a_method():
     from jsonargparse import ArgumentParser
 
+    from egspo.methods import RLMethod
+
     parser = ArgumentParser()
-    parser.add_argument("--uec", type=UECConfig | None)
-    config = parser.parse_object({"uec": {"exploration_temperature": 1.4, "replay_every": 2}})
-    uec = parser.instantiate(config).uec
-    assert uec == UECConfig(exploration_temperature=1.4, replay_every=2)
+    parser.add_argument("--methods", type=list[RLMethod])
+    init = {"exploration_temperature": 1.4, "replay_every": 2}
+    config = parser.parse_object({"methods": [{"class_path": "egspo.methods.UECRL", "init_args": init}]})
+    [uec] = parser.instantiate(config).methods
+    assert isinstance(uec, UECRL) and (uec.exploration_temperature, uec.replay_every) == (1.4, 2)
 
 
 # ------------------------------------------------------------------ merging regular and expanded rows

@@ -7,9 +7,9 @@ import pytest
 import torch
 from tiny_model import tiny_qwen2
 
-from egspo.config import PromptConfig, RolloutConfig
+from egspo.config import PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
-from egspo.model import PolicyConfig, load_policy, stop_token_ids
+from egspo.model import PolicyConfig, load_policy
 from egspo.rewards import RewardOutput
 from egspo.rollout import SharedPrefillEngine
 from egspo.rollout.builder import ExperienceBuilder
@@ -40,7 +40,7 @@ def _builder(policy, tokenizer, **options) -> ExperienceBuilder:
         PromptEncoder(tokenizer, PromptConfig()),
         AnswerKeyedReward(),
         config,
-        stop_token_ids=stop_token_ids(tokenizer, policy),
+        UpdateConfig(),
         pad_token_id=tokenizer.pad_token_id,
     )
 

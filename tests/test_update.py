@@ -11,7 +11,7 @@ from tiny_model import tiny_qwen2
 from egspo.config import PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
 from egspo.losses import AGG_MODES, ChordPhiLoss, EGSPOLoss, ESPOLoss, NLLLoss, PPOClipLoss
-from egspo.model import PolicyConfig, load_policy, stop_token_ids
+from egspo.model import PolicyConfig, load_policy
 from egspo.rewards import RewardOutput
 from egspo.rollout.builder import ExperienceBuilder
 from egspo.update import PolicyUpdate
@@ -36,9 +36,8 @@ def parts(tiny_tokenizer):
         encoder,
         LengthReward(),
         rollout,
-        stop_token_ids=stop_token_ids(tiny_tokenizer, policy),
+        UpdateConfig(ppo_epochs=2),
         pad_token_id=tiny_tokenizer.pad_token_id,
-        score_old=lambda n: True,
     )
     torch.manual_seed(1)
     experience, stats = builder.build(policy, QUESTIONS, ["7", "7"])
@@ -60,7 +59,7 @@ def test_one_rl_iteration_from_the_plain_components(parts):
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
     before = [p.detach().clone() for p in policy.parameters()]
     threshold = loss.prepare(experience.entropy[experience.loss_mask.bool()])
-    steps = update.rl_iteration(policy, optimizer, experience, threshold=threshold)
+    steps = update.rl_update(policy, optimizer, experience, threshold=threshold)
     assert len(steps) == 4  # 2 epochs x 2 mini-batches, metrics for every step
     assert all(s["gate_threshold"] == pytest.approx(float(threshold)) for s in steps)
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
@@ -77,7 +76,7 @@ def test_extra_rows_keep_the_configured_number_of_steps(parts):
     loss.setup(vocab_size=policy.config.vocab_size, max_completion_length=10)
     update = PolicyUpdate(loss, NLLLoss(), NLLLoss(), UpdateConfig(mini_batch_size=4), temperature=1.0)
     optimizer = torch.optim.SGD(policy.parameters(), lr=0.1)
-    steps = update.rl_iteration(policy, optimizer, joined, threshold=None)
+    steps = update.rl_update(policy, optimizer, joined, threshold=None)
     assert len(steps) == 2
     assert all(torch.isfinite(torch.tensor(s["loss"])) for s in steps)
 
@@ -88,7 +87,7 @@ def _update_delta(policy, loss, experience, threshold, budget, *, mu=0.0, demons
     config = UpdateConfig(ppo_max_token_len_per_gpu=budget, max_grad_norm=None)
     update = PolicyUpdate(loss, NLLLoss(), mix or NLLLoss(), config, temperature=1.0)
     before = [p.detach().clone() for p in policy.parameters()]
-    steps = update.rl_iteration(
+    steps = update.rl_update(
         policy,
         torch.optim.SGD(policy.parameters(), lr=1.0),
         experience,
@@ -148,9 +147,9 @@ def test_demonstrations_are_scored_at_temperature_one(parts):
     policy, _, _, demonstrations = parts
     update = PolicyUpdate(PPOClipLoss(), NLLLoss(), NLLLoss(), UpdateConfig(), temperature=0.5)
     hot = copy.deepcopy(policy)
-    steps = update.sft_iteration(hot, torch.optim.SGD(hot.parameters(), lr=0.0), demonstrations)
+    steps = update.sft_update(hot, torch.optim.SGD(hot.parameters(), lr=0.0), demonstrations)
     cold = PolicyUpdate(PPOClipLoss(), NLLLoss(), NLLLoss(), UpdateConfig(), temperature=1.0)
-    reference = cold.sft_iteration(
+    reference = cold.sft_update(
         copy.deepcopy(policy), torch.optim.SGD(hot.parameters(), lr=0.0), demonstrations
     )
     assert steps[0]["nll"] == pytest.approx(reference[0]["nll"], abs=1e-6)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 Scale = Literal["group", "batch", "none"]
@@ -52,3 +53,35 @@ def group_advantages(rewards: Tensor, group_size: int, scale: Scale = "group", e
         centred = centred / (rewards.std() + eps)
     constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
     return centred.masked_fill(constant, 0.0).view(-1)
+
+
+def indexed_group_advantages(
+    rewards: Tensor, group: Tensor, scale: Scale = "group", eps: float = 1e-6
+) -> Tensor:
+    """Advantages ``[N]`` of rows whose groups are named by ``group`` ``[N]`` (any sizes >= 1, any order).
+
+    The formula of :func:`group_advantages` (Bessel std per group, ``eps``, all-equal groups exactly
+    0; ``"batch"`` divides by the std of all N rewards), for batches where a method added rows to
+    some groups (UEC-RL's joint groups) so that groups differ in size.
+    """
+    if rewards.dim() != 1 or group.shape != rewards.shape:
+        raise ValueError(
+            f"rewards and group must both be [N], got {tuple(rewards.shape)} and {tuple(group.shape)}"
+        )
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
+    ids, index = torch.unique(group, return_inverse=True)
+    k = len(ids)
+    count = torch.zeros(k, dtype=rewards.dtype, device=rewards.device).index_add_(
+        0, index, torch.ones_like(rewards)
+    )
+    mean = torch.zeros_like(count).index_add_(0, index, rewards) / count
+    centred = rewards - mean[index]
+    if scale == "group":
+        variance = torch.zeros_like(count).index_add_(0, index, centred.square()) / (count - 1).clamp(min=1)
+        centred = centred / (variance.sqrt()[index] + eps)
+    elif scale == "batch":
+        centred = centred / (rewards.std() + eps)
+    high = torch.full_like(count, -torch.inf).scatter_reduce(0, index, rewards, "amax")
+    low = torch.full_like(count, torch.inf).scatter_reduce(0, index, rewards, "amin")
+    return centred.masked_fill((high == low)[index], 0.0)

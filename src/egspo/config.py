@@ -184,11 +184,6 @@ class UpdateConfig:
             }
         )
 
-    def needs_old_logprobs(self, rollout_batch: int) -> bool:
-        """More than one optimizer step per rollout batch: later steps need the rollout policy's
-        log-probs. With a single step the rollout policy is the current one (ratio exactly 1)."""
-        return self.ppo_epochs > 1 or (self.mini_batch_size or rollout_batch) < rollout_batch
-
 
 @dataclass
 class EvalConfig:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from egspo.model import DTYPES, unwrap_causal_lm
+from egspo.hf_names import DTYPES, unwrap_causal_lm
 
 
 @dataclass

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,10 +15,10 @@ import torch
 from egspo.metrics import EvalMetrics, resolve_pass_k
 from egspo.rewards import RewardFunction
 from egspo.rollout.builder import correctness
-from egspo.rollout.engine import SamplingParams
+from egspo.rollout.engine import RolloutEngine, SamplingParams
 
 if TYPE_CHECKING:
-    from egspo.config import EvalConfig, RolloutConfig
+    from egspo.config import EvalConfig
     from egspo.data.encoding import PromptEncoder
 
 
@@ -35,31 +36,31 @@ class Evaluator:
         encoder: PromptEncoder,
         reward: RewardFunction,
         config: EvalConfig,
-        rollout: RolloutConfig,
-        *,
-        stop_token_ids: list[int],
-        pad_token_id: int,
+        engine: RolloutEngine,
+        rollout_params: Callable[[torch.nn.Module], SamplingParams],
     ) -> None:
+        """`rollout_params(policy)` gives the training rollouts' sampling parameters
+        (`ExperienceBuilder.sampling_params`): evaluation samples as they do, stop tokens included."""
         self.encoder = encoder
         self.reward = reward
-        self.engine = rollout.engine
+        self.engine = engine
+        self.rollout_params = rollout_params
+        self.max_new_tokens = config.max_completion_length
         self.num_samples = config.num_samples
         self.pass_k = resolve_pass_k(config.num_samples, config.pass_k)
-        common = {
-            "max_new_tokens": config.max_completion_length or rollout.max_completion_length,
-            "stop_token_ids": tuple(stop_token_ids),
-            "pad_token_id": pad_token_id,
-        }
-        self.greedy = SamplingParams(greedy=True, **common)
-        self.sampled = SamplingParams(
-            num_samples=config.num_samples,
-            temperature=rollout.temperature,
-            top_p=rollout.top_p,
-            top_k=rollout.top_k,
-            **common,
-        )
-
         self.running: dict[str, EvalMetrics] = {}
+
+    def sampling(self, policy: torch.nn.Module) -> tuple[SamplingParams, SamplingParams]:
+        """The greedy answer's and the sampled answers' parameters."""
+        rollout = self.rollout_params(policy)
+        length = self.max_new_tokens or rollout.max_new_tokens
+        greedy = SamplingParams(
+            greedy=True,
+            max_new_tokens=length,
+            stop_token_ids=rollout.stop_token_ids,
+            pad_token_id=rollout.pad_token_id,
+        )
+        return greedy, replace(rollout, num_samples=self.num_samples, max_new_tokens=length)
 
     def evaluate_batch(self, policy: torch.nn.Module, eval_set: str, batch: dict, seed: int) -> None:
         """Answer one eval batch into the running metrics of `eval_set` (see `results`)."""
@@ -92,13 +93,14 @@ class Evaluator:
         in lock-step, but not counted)."""
         device = next(policy.parameters()).device
         prompts = self.encoder.prompts(questions, device)
-        texts, lengths, truncated = self._answer(policy, prompts, self.greedy)
+        greedy, sampled = self.sampling(policy)
+        texts, lengths, truncated = self._answer(policy, prompts, greedy)
         greedy_correct = correctness(self.reward(texts, answers)).to(device)
         n = self.num_samples
         samples = greedy_correct[:, None]
         if n > 1:
             with seeded_rng(device, seed):
-                texts, lengths, truncated = self._answer(policy, prompts, self.sampled)
+                texts, lengths, truncated = self._answer(policy, prompts, sampled)
             repeated = [a for a in answers for _ in range(n)]
             samples = correctness(self.reward(texts, repeated)).to(device).view(-1, n)
         keep = [i for i in range(len(questions)) if not (padding and padding[i])]

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from egspo.model import DTYPES, LoRAConfig, PolicyConfig, load_policy, load_tokenizer
+from egspo.hf_names import DTYPES
+from egspo.model import LoRAConfig, PolicyConfig, load_policy, load_tokenizer
 
 _PREFIX = "policy."
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 import copy
 import os
 import socket
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +26,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from egspo.validation import looks_local
+from egspo.distributed import is_sharded
+from egspo.hf_names import DTYPES, looks_local, unwrap_causal_lm
 
 SYNTHETIC_TOKENIZER = "synthetic"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -226,25 +226,14 @@ def _keep_4bit_trainable_on_cpu(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def unwrap_causal_lm(model: torch.nn.Module) -> PreTrainedModel:
-    """The `transformers` model under peft wrappers (its decoder and lm_head are what we call)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+class KLReference:
+    """The KL reference policy of a policy, as a context: ``with reference(policy) as ref_model:``.
 
-
-@contextmanager
-def adapters_disabled(policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """The KL reference of a LoRA policy: the same model with its adapters switched off (no copy)."""
-    with policy.disable_adapter():
-        yield policy
-
-
-class FrozenReference:
-    """The KL reference of a fully fine-tuned policy: a frozen copy of it, taken the first time it
-    is asked for (the first RL iteration: the policy after the warm-up), as verl and TRL keep one.
-
-    It costs one more copy of the weights (no gradients, no optimizer state). Its weights are
-    part of the run state (`state_dict`), so a resumed run keeps the same reference.
+    A LoRA policy's reference is the same model with its adapters switched off (no copy). A fully
+    fine-tuned policy's is a frozen copy taken the first time it is asked for (the first RL
+    iteration: the policy after the warm-up), as verl and TRL keep one: one more copy of the
+    weights (no gradients, no optimizer state), part of the run state (`state_dict`), so a resumed
+    run keeps the same reference.
     """
 
     def __init__(self) -> None:
@@ -252,9 +241,11 @@ class FrozenReference:
 
     @contextmanager
     def __call__(self, policy: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        if callable(getattr(policy, "disable_adapter", None)):
+            with policy.disable_adapter():
+                yield policy
+            return
         if self.model is None:
-            from egspo.distributed import is_sharded
-
             if is_sharded(policy):
                 raise ValueError(
                     "policy_loss.beta > 0 under FSDP needs `policy.lora` (the reference is then the base "
@@ -264,6 +255,7 @@ class FrozenReference:
         yield self.model
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The frozen copy's weights (None: no copy, a LoRA policy or not taken yet)."""
         return (
             None if self.model is None else {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         )
@@ -273,13 +265,6 @@ class FrozenReference:
             return
         self.model = copy.deepcopy(policy).eval().requires_grad_(False)
         self.model.load_state_dict(state)
-
-
-def kl_reference(
-    policy: torch.nn.Module,
-) -> Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]]:
-    """How the KL reference is reached: adapters disabled for a LoRA policy, else a frozen copy."""
-    return adapters_disabled if callable(getattr(policy, "disable_adapter", None)) else FrozenReference()
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module) -> list[int]:

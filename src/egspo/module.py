@@ -1,55 +1,47 @@
 """The LightningModule: a two-phase state machine, SFT warm-up then RL, around plain components.
 
-Each phase is one training epoch of one batch per iteration. An SFT iteration takes optimizer
-steps on expert demonstrations. An RL iteration finds its experience already in the batch
-(`RolloutCallback` samples, rewards and scores it with the `ExperienceBuilder` just before the
-step), computes the gate threshold once, and runs the update (`PolicyUpdate.rl_iteration`:
-`ppo_epochs` x mini-batches, one optimizer step each). Lightning's validation loop evaluates
+Each phase is one training epoch of one batch per iteration (`egspo.data.batches.IterationBatch`).
+An SFT iteration takes optimizer steps on expert demonstrations. An RL iteration finds its
+experience already in the batch (`RolloutCallback` samples, rewards and scores it with the
+`ExperienceBuilder` just before the step), then reads top to bottom in `rl_step`: gate threshold,
+update (`PolicyUpdate.rl_update`: `ppo_epochs` x mini-batches, one optimizer step each), the
+methods' `after_update` hooks (`egspo.methods`), logging. Lightning's validation loop evaluates
 held-out sets at the end of each phase (and every `trainer.val_check_interval` iterations).
 
-The batch is the one interface between the data, the rollout callback and the step:
-`{"iteration", "phase", "prompts", "answers", "expert_prompts", "expert_responses"}`, plus
-`EXPERIENCE` and `ROLLOUT_STATS` for RL iterations. Manual optimization: Lightning's
-`global_step` counts optimizer steps, `iteration` counts iterations.
+Manual optimization: Lightning's `global_step` counts optimizer steps, `iteration` counts iterations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from egspo.components import build_components
+from egspo.callbacks.progress import phase_progress_bar
+from egspo.callbacks.rollout import RolloutCallback
 from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
+from egspo.data.batches import IterationBatch
 from egspo.data.encoding import PromptEncoder
 from egspo.distributed import FSDP1_REFUSAL, FSDPConfig, gather_variable, shard_policy
 from egspo.evaluation import Evaluator, RunSummary, eval_seed
 from egspo.losses import EGSPOLoss, NLLLoss, PolicyLoss, SFTLoss
-from egspo.model import PolicyConfig, load_policy, load_tokenizer
+from egspo.methods import RLMethod
+from egspo.model import KLReference, PolicyConfig, load_policy, load_tokenizer
+from egspo.resume import check_resume
 from egspo.rewards import MathReward, RewardFunction
-from egspo.rewards.oger import OGERBonus
+from egspo.rng import capture_rng_states, restore_rng_snapshot, restore_rng_states, rng_snapshot
 from egspo.rollout.builder import ExperienceBuilder, clock
-from egspo.rollout.experience import Experience
-from egspo.rollout.exploration import UECConfig
-from egspo.rollout.replay import ReplayStabiliser
-from egspo.run_state import (
-    restore_rng_snapshot,
-    restore_rng_states,
-    restore_run_state,
-    rng_snapshot,
-    run_state,
-)
 from egspo.schedules import ConstantMu, MuSchedule, PhaseLearningRates
 from egspo.update import PolicyUpdate
 
-EXPERIENCE = "experience"
-ROLLOUT_STATS = "rollout_stats"
 Phase = Literal["sft", "rl"]
 
 
@@ -72,8 +64,7 @@ class HybridRLModule(LightningModule):
         optimizer: builds the optimizer (LightningCLI conventions).
         lr_scheduler, rl_lr_scheduler: build the learning-rate schedule of the warm-up and of the
             RL phase; each starts with its phase and steps once per optimizer step.
-        exploration_bonus: OGER's exploration bonus on correct samples (`egspo.rewards.oger.OGERBonus`).
-        uec: UEC-RL's targeted exploration and replay stabiliser (`egspo.rollout.exploration.UECConfig`).
+        methods: RL-iteration plug-ins, by `class_path` (`egspo.methods.UECRL`, `egspo.methods.OGER`).
         fsdp: FSDP2 options under `ModelParallelStrategy` (see `egspo.distributed`).
     """
 
@@ -94,8 +85,7 @@ class HybridRLModule(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         rl_lr_scheduler: LRSchedulerCallable | None = None,
-        exploration_bonus: OGERBonus | None = None,
-        uec: UECConfig | None = None,
+        methods: list[RLMethod] | None = None,
         fsdp: FSDPConfig | None = None,
     ) -> None:
         super().__init__()
@@ -103,47 +93,44 @@ class HybridRLModule(LightningModule):
             raise ValueError("model.sft_iterations and model.rl_iterations must be >= 0, and not both 0")
         self.policy_spec = policy
         self.sft_iterations, self.rl_iterations = sft_iterations, rl_iterations
-        self.rollout = rollout or RolloutConfig()
-        self.update_config = update or UpdateConfig()
-        self.eval_config = evaluation or EvalConfig()
         self.mu = ConstantMu(mu) if isinstance(mu, (int, float)) else mu
-        self.reward = reward or MathReward()
         self.fsdp_config = fsdp or FSDPConfig()
-        self.exploration_bonus, self.uec = exploration_bonus, uec
+        self.methods = list(methods or [])
         self.optimizer_factory = optimizer
         self.automatic_optimization = False
 
+        rollout, update = rollout or RolloutConfig(), update or UpdateConfig()
+        policy_loss = policy_loss or EGSPOLoss()
+        reward = reward or MathReward()
         self.tokenizer = load_tokenizer(policy)
         self.encoder = PromptEncoder(self.tokenizer, prompt or PromptConfig())
-        self.update = PolicyUpdate(
-            policy_loss or EGSPOLoss(),
-            warmup_loss or NLLLoss(),
-            mix_loss or NLLLoss(),
-            self.update_config,
-            temperature=self.rollout.temperature,
-            backward=self.manual_backward,
+        self.reference = KLReference() if policy_loss.beta > 0 else None
+        self.experience_builder = ExperienceBuilder(
+            self.encoder, reward, rollout, update, pad_token_id=self.tokenizer.pad_token_id,
+            methods=self.methods, reference=self.reference,
+        )  # fmt: skip
+        self.policy_update = PolicyUpdate(
+            policy_loss, warmup_loss or NLLLoss(), mix_loss or NLLLoss(), update,
+            temperature=rollout.temperature, backward=self.manual_backward,
+        )  # fmt: skip
+        self.evaluator = Evaluator(
+            self.encoder,
+            reward,
+            evaluation or EvalConfig(),
+            rollout.engine,
+            self.experience_builder.sampling_params,
         )
         self.policy: torch.nn.Module | None = None
-        self.experience_builder: ExperienceBuilder | None = None  # driven by RolloutCallback
-        self.reference = None  # the KL reference, when policy_loss.beta > 0
-        self.replay: ReplayStabiliser | None = None  # UEC-RL's stabiliser
-        self.evaluator: Evaluator | None = None
         self.summary = RunSummary()
         self.iteration = 0  # iterations completed
-        self.learning_rates = PhaseLearningRates(
-            lr_scheduler, rl_lr_scheduler, self.update_config.rl_learning_rate
-        )
+        self.learning_rates = PhaseLearningRates(lr_scheduler, rl_lr_scheduler, update.rl_learning_rate)
         self.rng_to_restore: list | None = None
-        self._rng_before_eval: tuple | None = None
+        self.rng_before_eval: tuple | None = None
 
     @property
     def policy_loss(self) -> PolicyLoss:
-        """The RL loss (held by the update, which is the one that applies it)."""
-        return self.update.policy_loss
-
-    @policy_loss.setter
-    def policy_loss(self, loss: PolicyLoss) -> None:
-        self.update.policy_loss = loss
+        """The RL loss (applied by the update; the gate schedule reads its gate here)."""
+        return self.policy_update.policy_loss
 
     # ----------------------------------------------------------------- set-up
     def setup(self, stage: str) -> None:
@@ -155,26 +142,18 @@ class HybridRLModule(LightningModule):
             self.policy = load_policy(self.policy_spec, self.tokenizer)
             self.policy_loss.setup(
                 vocab_size=self.policy.config.vocab_size,
-                max_completion_length=self.rollout.max_completion_length,
+                max_completion_length=self.experience_builder.config.max_completion_length,
             )
-            parts = build_components(
-                self.policy, self.tokenizer, self.encoder, self.reward, rollout=self.rollout,
-                update=self.update_config, evaluation=self.eval_config, policy_loss=self.policy_loss,
-                exploration_bonus=self.exploration_bonus, uec=self.uec,
-            )  # fmt: skip
-            self.experience_builder, self.evaluator = parts.experience_builder, parts.evaluator
-            self.reference, self.replay = parts.reference, parts.replay
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 (FSDPStrategy wraps itself)
             shard_policy(self.policy, self.device_mesh, self.fsdp_config)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
 
-    def configure_callbacks(self):
-        from egspo.callbacks import RolloutCallback, phase_progress_bar
-
+    def configure_callbacks(self) -> list[Callback]:
+        """The rollout callback (a run cannot forget it) and the phase-aware progress bar."""
         bar = phase_progress_bar(self.trainer.progress_bar_callback)
-        return [RolloutCallback()] + ([bar] if bar is not None else [])
+        return [RolloutCallback(self.experience_builder)] + ([bar] if bar is not None else [])
 
     # ----------------------------------------------------------------- phases
     @property
@@ -198,17 +177,17 @@ class HybridRLModule(LightningModule):
             self.rng_to_restore = None
 
     # ----------------------------------------------------------------- the step
-    def training_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor | None]:
+    def training_step(self, batch: IterationBatch, batch_idx: int) -> dict[str, Tensor | None]:
         """One iteration: SFT steps on demonstrations, or an RL update on the batch's experience."""
-        if batch["iteration"] != self.iteration:
-            raise RuntimeError(f"batch of iteration {batch['iteration']} at iteration {self.iteration}")
-        if self.learning_rates.phase != batch["phase"]:  # a phase's first step (also after a resume)
-            self.learning_rates.start(batch["phase"], self.optimizers().optimizer)
-        if batch["phase"] == "sft":
+        if batch.iteration != self.iteration:
+            raise RuntimeError(f"batch of iteration {batch.iteration} at iteration {self.iteration}")
+        if self.learning_rates.phase != batch.phase:  # a phase's first step (also after a resume)
+            self.learning_rates.start(batch.phase, self.optimizers().optimizer)
+        if batch.phase == "sft":
             demonstrations = self.encoder.demonstrations(
-                batch["expert_prompts"], batch["expert_responses"], self.device
+                batch.expert_prompts, batch.expert_responses, self.device
             )
-            steps = self.update.sft_iteration(
+            steps = self.policy_update.sft_update(
                 self.policy, self.optimizers(), demonstrations, self.learning_rates.scheduler
             )
             self.log("train/sft_loss", _mean(steps, "loss"), prog_bar=True)
@@ -218,12 +197,12 @@ class HybridRLModule(LightningModule):
             output = self.rl_step(batch)
         self.iteration += 1
         lr = self.optimizers().optimizer.param_groups[0]["lr"]
-        self.log_dict({"iteration": float(self.iteration), "train/lr": lr, **self.update.counters()})
+        self.log_dict({"iteration": float(self.iteration), "train/lr": lr, **self.policy_update.counters()})
         return output
 
-    def rl_step(self, batch: dict) -> dict[str, Tensor | None]:
+    def rl_step(self, batch: IterationBatch) -> dict[str, Tensor | None]:
         """One RL iteration on the experience the rollout callback put into the batch."""
-        experience: Experience = batch[EXPERIENCE]
+        experience = batch.experience
         # The gate threshold: once per rollout batch, over every rank's tokens.
         tokens = gather_variable(experience.entropy[experience.loss_mask.bool()].float())
         threshold = self.policy_loss.prepare(tokens)
@@ -231,30 +210,24 @@ class HybridRLModule(LightningModule):
         demonstrations = None
         if mu > 0:
             demonstrations = self.encoder.demonstrations(
-                batch["expert_prompts"], batch["expert_responses"], self.device
+                batch.expert_prompts, batch.expert_responses, self.device
             )
         start = clock(self.device)
-        steps = self.update.rl_iteration(
-            self.policy,
-            self.optimizers(),
-            experience,
-            threshold=threshold,
-            mu=mu,
-            demonstrations=demonstrations,
-            scheduler=self.learning_rates.scheduler,
-        )
-        if self.replay is not None:  # UEC-RL's stabiliser: a replay update every few iterations
+        train = partial(
+            self.policy_update.rl_update, self.policy, self.optimizers(),
+            threshold=threshold, scheduler=self.learning_rates.scheduler,
+        )  # fmt: skip
+        steps = train(experience, mu=mu, demonstrations=demonstrations)
+        for method in self.methods:  # e.g. UEC-RL's replay update (one step on a batch of its own)
             self.log_dict(
-                self.update.replay_iteration(
-                    self.policy, self.optimizers(), self.replay, experience, threshold=threshold,
-                    temperature=self.rollout.temperature, rl_iteration=self.rl_iteration,
-                    scheduler=self.learning_rates.scheduler,
+                method.after_update(
+                    experience, lambda b: train(b, mini_batch_size=len(b))[-1], self.rl_iteration
                 )
-            )  # fmt: skip
+            )
         self.log("time/update", clock(self.device) - start)
 
         # Rollout statistics, averaged over ranks (every rank holds as many rollouts).
-        stats = dict(batch.get(ROLLOUT_STATS, {}))
+        stats = dict(batch.rollout_stats)
         for key in ("reward", "entropy"):
             self.log(key, stats.pop(key), prog_bar=True, sync_dist=True)
         self.log_dict(stats, sync_dist=True)
@@ -268,11 +241,11 @@ class HybridRLModule(LightningModule):
     # ----------------------------------------------------------------- evaluation
     def on_validation_start(self) -> None:
         # Evaluating mid-fit must not move the training run's random streams.
-        self._rng_before_eval = rng_snapshot() if self.trainer.state.fn == "fit" else None
+        self.rng_before_eval = rng_snapshot() if self.trainer.state.fn == "fit" else None
 
     def on_validation_end(self) -> None:
-        if self._rng_before_eval is not None:
-            restore_rng_snapshot(self._rng_before_eval)
+        if self.rng_before_eval is not None:
+            restore_rng_snapshot(self.rng_before_eval)
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         eval_set = self.trainer.datamodule.eval_set_names[dataloader_idx]
@@ -282,7 +255,7 @@ class HybridRLModule(LightningModule):
     test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
-        results = self._log_eval("val")
+        results = self.log_eval("val")
         if self.trainer.state.fn == "fit" and self.iteration in (self.sft_iterations, self.total_iterations):
             phase = "sft" if self.iteration == self.sft_iterations else "rl"
             self.summary.record(phase, results)
@@ -291,9 +264,9 @@ class HybridRLModule(LightningModule):
             )
 
     def on_test_epoch_end(self) -> None:
-        self._log_eval("test")
+        self.log_eval("test")
 
-    def _log_eval(self, stage: str) -> dict[str, dict[str, float]]:
+    def log_eval(self, stage: str) -> dict[str, dict[str, float]]:
         """`<stage>/<set>/<metric>`: greedy accuracy, pass@k, maj@k, length, truncation rate."""
         results = self.evaluator.results()
         self.log_dict(
@@ -311,10 +284,51 @@ class HybridRLModule(LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["egspo"] = run_state(self)
+        """What a resumed run needs beyond weights and optimizer: each component's own `state_dict`,
+        as plain types and tensors (the checkpoint loads with `torch.load(weights_only=True)`)."""
+        loss = self.policy_loss
+        checkpoint["egspo"] = {
+            "iteration": self.iteration,
+            "sft_iterations": self.sft_iterations,
+            "policy": dataclasses.asdict(self.policy_spec),
+            "summary": self.summary.state_dict(),
+            "update": self.policy_update.state_dict(),
+            "policy_loss": {"class": type(loss).__name__, "state": loss.state_dict()},
+            "experience_builder": self.experience_builder.state_dict(),
+            "learning_rates": self.learning_rates.state_dict(),
+            "reference": None if self.reference is None else self.reference.state_dict(),
+            "methods": [{"class": type(m).__name__, "state": m.state_dict()} for m in self.methods],
+            "rng": capture_rng_states(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        restore_run_state(self, checkpoint)  # one-line errors when this run cannot continue from it
+        """Put back what `on_save_checkpoint` saved; the RNG streams wait for the training loop."""
+        state = checkpoint.get("egspo")
+        if state is None:
+            raise ValueError(
+                "the checkpoint was not written by egspo (no 'egspo' state): cannot resume from it"
+            )
+        check_resume(
+            state,
+            checkpoint.get("state_dict", {}),
+            self.state_dict(),
+            self.sft_iterations,
+            self.total_iterations,
+        )
+        self.iteration = state["iteration"]
+        self.summary.load_state_dict(state["summary"])
+        self.policy_update.load_state_dict(state["update"])
+        if state["policy_loss"]["class"] == type(self.policy_loss).__name__:  # a new loss starts fresh
+            self.policy_loss.load_state_dict(state["policy_loss"]["state"])
+        self.experience_builder.load_state_dict(state["experience_builder"])
+        self.learning_rates.load_state_dict(state["learning_rates"])
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"], self.policy)
+        saved = {entry["class"]: entry["state"] for entry in state["methods"]}
+        for method in self.methods:  # a method the saved run did not have starts fresh
+            if type(method).__name__ in saved:
+                method.load_state_dict(saved[type(method).__name__])
+        self.rng_to_restore = state["rng"]
 
 
 def _mean(steps: list[dict[str, float]], key: str) -> float:

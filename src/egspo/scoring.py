@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from egspo.model import unwrap_causal_lm
+from egspo.hf_names import unwrap_causal_lm
 from egspo.ops import TokenScores, fused_logprobs_entropy
 
 __all__ = ["TokenScores", "logit_transform", "position_ids_from_mask", "token_logprobs"]

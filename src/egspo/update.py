@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -29,9 +28,6 @@ from egspo.losses import PolicyLoss, SFTLoss, TokenBatch
 from egspo.losses.aggregation import aggregation_units
 from egspo.rollout.experience import Experience, pack_rows
 from egspo.scoring import token_logprobs
-
-if TYPE_CHECKING:
-    from egspo.rollout.replay import ReplayStabiliser
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +90,7 @@ class PolicyUpdate:
         self.skipped_updates = 0
 
     # ------------------------------------------------------------------ iterations
-    def rl_iteration(
+    def rl_update(
         self,
         policy: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
@@ -110,7 +106,7 @@ class PolicyUpdate:
 
         `threshold` is the gate threshold of this rollout batch (`policy_loss.prepare`), the same
         for every mini-batch. With `mu > 0`, every step also takes the SFT loss on `demonstrations`.
-        `mini_batch_size` overrides the configured one (a replay batch has its own size).
+        `mini_batch_size` overrides the configured one (UEC-RL's replay batch is one step).
         Returns the metrics of every step, in order.
         """
         size = mini_batch_size or self.config.mini_batch_size or len(experience)
@@ -127,32 +123,7 @@ class PolicyUpdate:
                 results.append(self._step(policy, optimizer, scheduler, losses))
         return results
 
-    def replay_iteration(
-        self,
-        policy: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
-        replay: ReplayStabiliser,
-        experience: Experience,
-        *,
-        threshold: Tensor | None,
-        temperature: float,
-        rl_iteration: int,
-        scheduler: LRScheduler | None = None,
-    ) -> Metrics:
-        """UEC-RL's stabiliser: `experience` joins the replay buffer, and when a replay is due, one
-        optimizer step on a batch of it. Returns the replay step's metrics (`replay/...`) and the
-        buffer's."""
-        replay.add(experience, temperature, rl_iteration)
-        metrics: Metrics = {}
-        batch = replay.batch_due(rl_iteration, next(policy.parameters()).device)
-        if batch is not None:
-            steps = self.rl_iteration(
-                policy, optimizer, batch, threshold=threshold, mini_batch_size=len(batch), scheduler=scheduler
-            )
-            metrics = {f"replay/{k}": v for k, v in steps[-1].items()}
-        return {**metrics, **replay.metrics(rl_iteration)}
-
-    def sft_iteration(
+    def sft_update(
         self,
         policy: torch.nn.Module,
         optimizer: torch.optim.Optimizer,

@@ -15,15 +15,9 @@ from typing import Any
 
 from jsonargparse import Namespace
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".yaml", ".ckpt", ".safetensors")
+from egspo.hf_names import looks_local
+
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")  # the files `egspo.data.records` reads
-
-
-def looks_local(path: str) -> bool:
-    """A file or folder path rather than a Hugging Face hub id (`openai/gsm8k`, `Qwen/Qwen2.5-Math-1.5B`)."""
-    return (
-        path.endswith(LOCAL_SUFFIXES) or path.startswith(("/", ".", "~")) or Path(path).expanduser().exists()
-    )
 
 
 def validate_fit_config(config: Any) -> list[str]:
@@ -112,10 +106,14 @@ def _check_gate(model: Any, trainer: Any) -> list[str]:
     if rule == "absolute" and value is not None and value < 0:
         errors.append(f"{option}={value}: the absolute gate takes a threshold >= 0 nats")
     for i, callback in enumerate(_get(trainer, "callbacks") or []):
-        if not str(_get(callback, "class_path", "")).endswith("GateScheduler") or rule not in (
-            "quantile",
-            "normalized",
-        ):
+        if not str(_get(callback, "class_path", "")).endswith("GateScheduler"):
+            continue
+        if value is not None:
+            errors.append(
+                f"{option}={value}: trainer.callbacks[{i}] (GateScheduler) sets the gate's value every RL "
+                "iteration; leave the value out of the gate (one writer per value)"
+            )
+        if rule not in ("quantile", "normalized"):
             continue
         for end in ("start", "end"):
             v = _get(_init_args(callback), end)

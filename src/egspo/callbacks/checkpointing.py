@@ -12,7 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from egspo.run_state import AtomicCheckpointIO
+from egspo.checkpoint_io import AtomicCheckpointIO
 
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM
 LAST = "last.ckpt"
@@ -29,7 +29,7 @@ class IterationCheckpoint(ModelCheckpoint):
     iteration (one training batch), not by optimizer step or validation metric, with the
     trainer's public `save_checkpoint`. On SIGTERM (pre-emption, `scancel`) Lightning only
     records a flag; this callback saves once the running iteration ends and exits with 143.
-    Checkpoints are written atomically (`egspo.run_state.AtomicCheckpointIO`).
+    Checkpoints are written atomically (`egspo.checkpoint_io.AtomicCheckpointIO`).
 
     Args:
         every_n_iterations: save period in iterations (0: only at phase ends and on SIGTERM).

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from egspo.data.batches import IterationBatch
 from egspo.rollout import Experience
 
 # Low entropy pale, high entropy saturated: dark text stays readable on every shade.
@@ -307,18 +308,16 @@ class EntropyDiagnostics(Callback):
         self.png = png
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs, batch: dict, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch: IterationBatch, batch_idx: int
     ) -> None:
-        from egspo.module import EXPERIENCE
-
-        experience = batch.get(EXPERIENCE)
+        experience = batch.experience
         if experience is None or not trainer.is_global_zero:
             return
         done = pl_module.rl_iteration  # RL iterations completed, counting this one
         if (done - 1) % self.every_n_iterations:
             return
         threshold = (outputs or {}).get("gate_threshold")
-        self.write(trainer, pl_module, experience, batch.get("prompts"), threshold)
+        self.write(trainer, pl_module, experience, batch.prompts, threshold)
 
     def write(
         self,

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from egspo.data.batches import IterationBatch
 from egspo.distributed import gather_variable
 
 QUANTILES = (0.1, 0.5, 0.8, 0.9, 0.99)
@@ -24,11 +25,9 @@ class EntropyStatsLogger(Callback):
         self.histogram_every = histogram_every
 
     def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs, batch: dict, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs, batch: IterationBatch, batch_idx: int
     ) -> None:
-        from egspo.module import EXPERIENCE
-
-        experience = batch.get(EXPERIENCE)
+        experience = batch.experience
         if experience is None or pl_module.rl_iteration % self.every_n_iterations:
             return
         mask = experience.completion_mask.bool()

@@ -7,6 +7,7 @@ from typing import Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from egspo.data.batches import IterationBatch
 from egspo.losses.gate import HasEntropyGate
 from egspo.schedules import ramp
 
@@ -43,10 +44,10 @@ class GateScheduler(Callback):
             )
 
     def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: dict, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: IterationBatch, batch_idx: int
     ) -> None:
         loss = pl_module.policy_loss
-        if batch["phase"] != "rl" or not isinstance(loss, HasEntropyGate):
+        if batch.phase != "rl" or not isinstance(loss, HasEntropyGate):
             return
         value = self.value_at(pl_module.rl_iteration, pl_module.rl_iterations)
         loss.gate.set_value(value)

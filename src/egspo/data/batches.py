@@ -9,11 +9,35 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
 from egspo.data.records import DataError, Example
+
+if TYPE_CHECKING:
+    from egspo.rollout.experience import Experience
+
+
+@dataclass
+class IterationBatch:
+    """One training iteration's batch: the interface between the data, the rollout callback and the step.
+
+    The data module fills the questions and demonstrations of this process; for an RL iteration,
+    `egspo.callbacks.RolloutCallback` fills `experience` (and its `rollout_stats`) just before
+    `training_step` runs, and the callbacks that look at rollouts read it from here afterwards.
+    """
+
+    iteration: int
+    phase: Literal["sft", "rl"]
+    prompts: list[str]
+    answers: list[str]
+    expert_prompts: list[str]
+    expert_responses: list[str]
+    experience: Experience | None = None
+    rollout_stats: dict[str, float] = field(default_factory=dict)
 
 
 def _stream_seed(seed: int, stream: str, epoch: int) -> int:
@@ -117,9 +141,9 @@ class PhaseBatches:
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[IterationBatch]:
         for iteration in range(max(self.next_iteration, self.start), self.stop):
-            yield {**self.dataset[iteration], "iteration": iteration, "phase": self.phase}
+            yield IterationBatch(iteration=iteration, phase=self.phase, **self.dataset[iteration])
 
     def consumed(self, iteration: int) -> None:
         self.next_iteration = iteration + 1

@@ -1,11 +1,9 @@
 """LightningDataModule for hybrid SFT + RL: expert demonstrations, RL prompts, eval sets.
 
 It yields text, never token ids: the LightningModule owns the tokenizer and the prompt
-format. Each phase (SFT warm-up, RL) is one training epoch, one batch per iteration::
-
-    {"iteration": int, "phase": "sft" | "rl",
-     "prompts": list[str], "answers": list[str],                 # RL prompts of this rank
-     "expert_prompts": list[str], "expert_responses": list[str]}  # demonstrations of this rank
+format. Each phase (SFT warm-up, RL) is one training epoch, one `IterationBatch` per iteration
+(`egspo.data.batches`): its number and phase, the RL prompts and gold answers of this rank, and
+the demonstrations of this rank.
 
 Batch ``i`` is a pure function of (seed, i, rank, world_size); a resumed run continues with
 exactly the batches it would have seen (`PhaseBatches` is resumable). Eval sets are the
@@ -25,7 +23,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from egspo.data.batches import EpochSampler, EvalShard, InOrder, IterationDataset, PhaseBatches, collate_eval
+from egspo.data.batches import (
+    EpochSampler,
+    EvalShard,
+    InOrder,
+    IterationBatch,
+    IterationDataset,
+    PhaseBatches,
+    collate_eval,
+)
 from egspo.data.gold_audit import report_audit, run_audits
 from egspo.data.records import DataError, DataSource, Example
 from egspo.data.synthetic import SyntheticArithmetic
@@ -256,8 +262,8 @@ class HybridDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Marks a training batch consumed as it reaches the training step (see `PhaseBatches`)."""
-        if isinstance(batch, dict) and "phase" in batch and self._train_batches is not None:
-            self._train_batches.consumed(batch["iteration"])
+        if isinstance(batch, IterationBatch) and self._train_batches is not None:
+            self._train_batches.consumed(batch.iteration)
         return batch
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 GateRule = Literal["quantile", "absolute", "normalized"]
 GATE_RULES: tuple[str, ...] = get_args(GateRule)
+DEFAULT_VALUE = 0.8  # quantile and normalized rules: the top 20% of tokens (or of log|V|) get full updates
 
 
 class EntropyGate:
@@ -27,19 +28,23 @@ class EntropyGate:
     Weight: hard gate ``w = 1 if H >= tau else phi``; soft gate
     ``w = phi + (1 - phi) * sigmoid((H - tau) / temperature)`` (temperature in nats).
 
-    ``value`` is what a schedule drives during training, through :meth:`set_value`.
+    ``value`` is what a schedule drives during training, through :meth:`set_value`; it has one
+    writer: left None (0.8 for the quantile and normalized rules) it is the schedule's to set, and
+    a run that sets it here and schedules it too is refused before it starts.
     """
 
     def __init__(
         self,
         rule: GateRule = "quantile",
-        value: float = 0.8,
+        value: float | None = None,
         soft: bool = False,
         temperature: float = 0.1,
         vocab_size: int | None = None,
     ) -> None:
+        if value is None and rule == "absolute":
+            raise ValueError("gate rule='absolute' needs a value: the threshold in nats")
         self.rule = rule
-        self.value = value
+        self.value = DEFAULT_VALUE if value is None else value
         self.soft = soft
         self.temperature = temperature
         self.vocab_size = vocab_size

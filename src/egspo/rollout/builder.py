@@ -4,53 +4,61 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
-from egspo.advantages import group_advantages
+from egspo.advantages import group_advantages, indexed_group_advantages
 from egspo.losses import masked_mean
+from egspo.methods.base import RLMethod, RolloutContext, check_methods
+from egspo.model import stop_token_ids
 from egspo.rewards import RewardFunction, RewardOutput
-from egspo.rewards.oger import OGERBonus, embed_rollouts_and_teachers
 from egspo.rollout.engine import Rollout, SamplingParams
-from egspo.rollout.experience import Experience
-from egspo.rollout.exploration import UECConfig
+from egspo.rollout.experience import Experience, take_rows
 from egspo.rollout.groups import Groups, Refill, constant_groups, dynamic_sampling, overlong_penalty
-from egspo.rollout.uec_step import explore_hard_prompts
 from egspo.scoring import token_logprobs
 
 if TYPE_CHECKING:
-    from egspo.config import RolloutConfig
+    from egspo.config import RolloutConfig, UpdateConfig
     from egspo.data.encoding import PromptEncoder
+
+
+class Reference(Protocol):
+    """The KL reference policy of a policy, as a context (`egspo.model.KLReference`)."""
+
+    def __call__(self, policy: torch.nn.Module) -> AbstractContextManager[torch.nn.Module]: ...
 
 
 class ExperienceBuilder:
     """Turns a batch of questions into an `Experience` for one RL iteration.
 
-    In order: sample `num_generations` completions per prompt with the engine and reward them;
-    with dynamic sampling (DAPO), replace prompts whose samples all scored alike with fresh ones
-    until the batch is full or `max_num_gen_batches` rounds are spent; shape the rewards (soft
-    overlong punishment); group-relative advantages; mark truncated samples out of the loss
-    (overlong filtering); then, only when the update needs them, the old-policy log-probs
-    (off-policy updates) and the reference log-probs (KL penalty). Token entropies come from the
-    engine, which records them while sampling; an engine that does not gets them from a scoring pass.
+    In order, every row treated alike:
+
+    1. sample `num_generations` completions per prompt with the engine and reward them; with
+       dynamic sampling (DAPO), replace prompts whose samples all scored alike with fresh ones
+       until the batch is full or `max_num_gen_batches` rounds are spent;
+    2. each method's `extend` (`egspo.methods`: UEC-RL adds hotter samples of hard prompts);
+    3. score: token entropies (from the engine when it records them), and, only when the update
+       needs them, the old-policy log-probs and the reference log-probs (KL penalty), each row at
+       the temperature it was sampled at;
+    4. shape the rewards: each method's term (OGER's bonus), then DAPO's soft overlong punishment;
+    5. group-relative advantages (over each row's advantage group);
+    6. rows out of the loss: dynamic sampling's top-ups, truncated samples (overlong filtering),
+       and each method's `exclude`.
 
     Args:
         encoder: prompt formatting and tokenisation.
         reward: scores decoded completions against gold answers.
         config: sampling, advantage and sample-level options.
-        stop_token_ids, pad_token_id: what ends a sample and pads a row.
-        score_old: whether a rollout batch of this many sequences needs old log-probs (the update
-            makes several optimizer steps on it).
-        reference: a context that yields the KL reference model for a policy (None: no KL term).
+        update: the update's options (how many optimizer steps a rollout batch feeds).
+        pad_token_id: pads rows.
+        methods: the RL-iteration plug-ins, in order.
+        reference: the KL reference (None: no KL term).
         logprob_chunk_size: rows per chunk of the fused log-prob op.
-        exploration_bonus: OGER's bonus, added to the verifiable reward of correct samples.
-        uec: UEC-RL's targeted exploration of hard prompts (`egspo.rollout.exploration.UECConfig`).
     """
 
     def __init__(
@@ -58,47 +66,50 @@ class ExperienceBuilder:
         encoder: PromptEncoder,
         reward: RewardFunction,
         config: RolloutConfig,
+        update: UpdateConfig,
         *,
-        stop_token_ids: list[int],
         pad_token_id: int,
-        score_old: Callable[[int], bool] = lambda rollout_batch: False,
-        reference: Callable[[torch.nn.Module], AbstractContextManager[torch.nn.Module]] | None = None,
-        logprob_chunk_size: int | None = None,
-        exploration_bonus: OGERBonus | None = None,
-        uec: UECConfig | None = None,
+        methods: Sequence[RLMethod] = (),
+        reference: Reference | None = None,
     ) -> None:
+        problems = check_methods(methods, dynamic_sampling=config.dynamic_sampling)
+        if problems:
+            raise ValueError("\n".join(problems))
         self.encoder = encoder
         self.reward = reward
         self.config = config
-        self.score_old = score_old
+        self.update = update
+        self.pad_token_id = pad_token_id
+        self.methods = list(methods)
         self.reference = reference
-        self.logprob_chunk_size = logprob_chunk_size
-        self.sampling = SamplingParams(
-            max_new_tokens=config.max_completion_length,
-            num_samples=config.num_generations,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            stop_token_ids=tuple(stop_token_ids),
-            pad_token_id=pad_token_id,
-        )
-        if uec is not None and config.dynamic_sampling:
-            raise ValueError(
-                "model.uec: UEC-RL explores the prompts whose samples all failed, which dynamic sampling "
-                "(model.rollout.dynamic_sampling) drops: use one of them"
-            )
-        self.exploration_bonus = exploration_bonus
-        self.uec = uec
-        self.exploration = (
-            None
-            if uec is None
-            else replace(
-                self.sampling,
-                temperature=uec.exploration_temperature,
-                num_samples=uec.exploration_samples or config.num_generations,
-            )
-        )
         self.prompts_over_length = 0
+        self._sampling: SamplingParams | None = None
+
+    def sampling_params(self, policy: torch.nn.Module) -> SamplingParams:
+        """The rollout's sampling parameters; stop tokens default to the tokenizer's and the model's EOS."""
+        if self._sampling is None:
+            c = self.config
+            self._sampling = SamplingParams(
+                max_new_tokens=c.max_completion_length,
+                num_samples=c.num_generations,
+                temperature=c.temperature,
+                top_p=c.top_p,
+                top_k=c.top_k,
+                stop_token_ids=tuple(c.stop_token_ids or stop_token_ids(self.encoder.tokenizer, policy)),
+                pad_token_id=self.pad_token_id,
+            )
+        return self._sampling
+
+    def needs_old_logprobs(self, rows: int) -> bool:
+        """Whether a rollout batch of `rows` sequences is scored under the rollout policy now.
+
+        Needed when the update takes more than one optimizer step on it (`ppo_epochs > 1` or
+        several mini-batches: later steps need the rollout policy's log-probs) or a method stores
+        them (UEC-RL's replay buffer). With a single step the rollout policy is the current one and
+        the update uses its own log-probs, detached (ratio exactly 1).
+        """
+        several_steps = self.update.ppo_epochs > 1 or (self.update.mini_batch_size or rows) < rows
+        return several_steps or any(m.needs_behaviour_logprobs for m in self.methods)
 
     @torch.no_grad()
     def build(
@@ -113,53 +124,70 @@ class ExperienceBuilder:
     ) -> tuple[Experience, dict[str, float]]:
         """The experience of `questions` (and of refills, with dynamic sampling) and its statistics.
 
-        `rl_iteration` drives the exploration bonus's schedule; `teachers` maps a question to its
-        expert responses (the offline trajectories the bonus measures divergence from).
+        `rl_iteration` (RL iterations completed) drives the methods' schedules; `teachers` maps a
+        question to its expert responses (the offline trajectories OGER measures divergence from).
         """
         device = next(policy.parameters()).device
         g = self.config.num_generations
+        params = self.sampling_params(policy)
         t0 = clock(device)
         groups = self.sample(policy, questions, answers)
         stats = {"rollout/all_equal_groups": constant_groups(groups.rewards, g).float().mean().item()}
-        excluded = torch.zeros_like(groups.correct)
         if self.config.dynamic_sampling:
-            sample = partial(self.sample, policy)
             groups, excluded, dynamic = dynamic_sampling(
-                sample, groups, refill, g, self.config.max_num_gen_batches, self.sampling.pad_token_id
+                partial(self.sample, policy),
+                groups,
+                refill,
+                g,
+                self.config.max_num_gen_batches,
+                self.pad_token_id,
             )
+            groups.excluded = excluded
             stats.update(dynamic)
+        for method in self.methods:
+            groups = method.extend(groups, partial(self.sample, policy), stats, params=params, group_size=g)
         t1 = clock(device)
+        old_logprobs, entropy, ref_logprobs = self._score(policy, groups)
+        context = RolloutContext(policy, self.encoder.tokenizer, rl_iteration, g, teachers or {})
+        rewards = self._shaped_rewards(groups, entropy, context, stats)
+        if groups.group is None:
+            advantages = group_advantages(rewards, g, scale=self.config.advantage_scale)
+        else:
+            advantages = indexed_group_advantages(rewards, groups.group, scale=self.config.advantage_scale)
         rollout = groups.rollout
-        old_logprobs, entropy, ref_logprobs = self._score(policy, rollout, self.config.temperature)
-        rewards = self._shaped_rewards(policy, groups, entropy, rl_iteration, teachers or {}, stats)
+        excluded = torch.zeros_like(groups.correct) if groups.excluded is None else groups.excluded
         if self.config.mask_truncated_completions:
             excluded = excluded | rollout.truncated
-        advantages = group_advantages(rewards, g, scale=self.config.advantage_scale)
-        experience = _experience(groups, (old_logprobs, entropy, ref_logprobs), rewards, advantages, excluded)
-        if self.uec is not None:
-
-            def to_experience(explored: Groups, temperature: float, advantages: Tensor, excluded: Tensor):
-                old, entropy, ref = self._score(policy, explored.rollout, temperature)
-                old = old if experience.old_logprobs is not None else None
-                return _experience(explored, (old, entropy, ref), explored.rewards, advantages, excluded)
-
-            experience = explore_hard_prompts(
-                groups, experience, uec=self.uec, params=self.exploration, group_size=g,
-                temperature=self.config.temperature, scale=self.config.advantage_scale,
-                sample=partial(self.sample, policy), to_experience=to_experience, stats=stats,
-            )  # fmt: skip
-        if not bool(experience.excluded.any()):
-            experience.excluded = None
+        for method in self.methods:
+            dropped = method.exclude(groups, advantages)
+            excluded = excluded if dropped is None else excluded | dropped
+        experience = Experience(
+            input_ids=rollout.input_ids,
+            attention_mask=rollout.attention_mask,
+            completion_mask=rollout.completion_mask.float(),
+            entropy=entropy,
+            advantages=advantages,
+            rewards=rewards,
+            truncated=rollout.truncated,
+            prompt_length=rollout.prompt_length,
+            old_logprobs=old_logprobs,
+            ref_logprobs=ref_logprobs,
+            correct=groups.correct,
+            excluded=excluded if bool(excluded.any()) else None,
+            temperature=groups.temperature,
+            completions=groups.completions,
+        )
         t2 = clock(device)
-        lengths = rollout.completion_mask.sum(1)
+        regular = slice(None) if groups.added is None else ~groups.added  # the statistics of the regular rows
+        lengths = rollout.completion_mask[regular].sum(1)
         stats.update(groups.metrics)
         stats.update(
             {
-                "reward": float(rewards.mean()),
-                "entropy": float(masked_mean(entropy, rollout.completion_mask)),
-                "train/accuracy": float(groups.correct.float().mean()),
+                "reward": float(rewards[regular].mean()),
+                "entropy": float(masked_mean(entropy[regular], rollout.completion_mask[regular])),
+                "train/accuracy": float(groups.correct[regular].float().mean()),
                 "train/response_length": float(lengths.float().mean()),
-                "train/truncation_rate": float(rollout.truncated.float().mean()),
+                "train/truncation_rate": float(rollout.truncated[regular].float().mean()),
                 "rollout/excluded_samples": float(excluded.float().mean()),
                 "data/prompts_over_length": float(groups.prompts_over_length),
                 "data/prompts_over_length_total": float(self.prompts_over_length),
@@ -170,34 +198,15 @@ class ExperienceBuilder:
         return experience, stats
 
     def _shaped_rewards(
-        self,
-        policy: torch.nn.Module,
-        groups: Groups,
-        entropy: Tensor,
-        rl_iteration: int,
-        teachers: Mapping[str, Sequence[str]],
-        stats: dict[str, float],
+        self, groups: Groups, entropy: Tensor, context: RolloutContext, stats: dict[str, float]
     ) -> Tensor:
-        """The verifiable reward plus the exploration bonus (OGER) and the soft overlong punishment."""
+        """The verifiable reward plus each method's term, then DAPO's soft overlong punishment."""
         rewards = groups.rewards
-        if self.exploration_bonus is not None:
-            rollout = groups.rollout
-            prompts = groups.questions[:: self.config.num_generations]
-            pooled, teacher = embed_rollouts_and_teachers(
-                policy, self.encoder.tokenizer, rollout, [list(teachers.get(q, ())) for q in prompts]
-            )
-            bonus, bonus_stats = self.exploration_bonus(
-                pooled,
-                teacher,
-                entropy=entropy,
-                mask=rollout.completion_mask,
-                rewards=rewards,
-                correct=groups.correct,
-                group_size=self.config.num_generations,
-                rl_iteration=rl_iteration,
-            )
-            rewards = rewards + bonus
-            stats.update(bonus_stats)
+        for method in self.methods:
+            term, metrics = method.shape_rewards(groups, entropy, context)
+            if term is not None:
+                rewards = rewards + term
+            stats.update(metrics)
         if self.config.overlong_buffer_len:
             lengths = groups.rollout.completion_mask.sum(1)
             penalty = overlong_penalty(
@@ -216,7 +225,7 @@ class ExperienceBuilder:
         params: SamplingParams | None = None,
     ) -> Groups:
         """Rewarded samples of every question, `params.num_samples` each (default: the rollout's settings)."""
-        params = params or self.sampling
+        params = params or self.sampling_params(policy)
         device = next(policy.parameters()).device
         prompts = self.encoder.prompts(questions, device)
         if prompts.over_length and not self.prompts_over_length:
@@ -245,11 +254,32 @@ class ExperienceBuilder:
             prompts_over_length=prompts.over_length,
         )
 
-    def _score(
-        self, policy: torch.nn.Module, rollout: Rollout, temperature: float
+    def _score(self, policy: torch.nn.Module, groups: Groups) -> tuple[Tensor | None, Tensor, Tensor | None]:
+        """Old log-probs (when needed), token entropies, reference log-probs (when needed), each row
+        at the temperature it was sampled at."""
+        rollout = groups.rollout
+        temperatures = groups.temperature
+        score_old = self.needs_old_logprobs(len(groups))
+        if temperatures is None or len(temperatures.unique()) == 1:
+            t = self.config.temperature if temperatures is None else float(temperatures[0])
+            return self._score_rows(policy, rollout, t, score_old)
+        scores: list[Tensor | None] = [
+            None,
+            torch.zeros_like(rollout.completion_mask, dtype=torch.float32),
+            None,
+        ]
+        for t in temperatures.unique():
+            rows = (temperatures == t).nonzero().flatten()
+            for k, part in enumerate(self._score_rows(policy, take_rows(rollout, rows), float(t), score_old)):
+                if part is not None:
+                    if scores[k] is None:
+                        scores[k] = torch.zeros_like(scores[1])
+                    scores[k][rows] = part.float()
+        return scores[0], scores[1], scores[2]
+
+    def _score_rows(
+        self, policy: torch.nn.Module, rollout: Rollout, temperature: float, score_old: bool
     ) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        """Old log-probs (when needed), token entropies, reference log-probs (when needed), all at
-        the `temperature` the rollout was sampled at."""
         p = rollout.prompt_length
         score_mask = torch.cat(
             [rollout.completion_mask.new_zeros(rollout.input_ids.shape[0], p), rollout.completion_mask], dim=1
@@ -262,12 +292,11 @@ class ExperienceBuilder:
                 rollout.attention_mask,
                 score_mask,
                 temperature=temperature,
-                chunk_size=self.logprob_chunk_size,
+                chunk_size=self.update.logprob_chunk_size,
             )
             return scores[0][:, p:], scores[1][:, p:]
 
         old_logprobs = entropy = ref_logprobs = None
-        score_old = self.score_old(rollout.input_ids.shape[0])
         if score_old or rollout.entropy is None:
             logprobs, entropy = score()
             old_logprobs = logprobs if score_old else None
@@ -278,29 +307,11 @@ class ExperienceBuilder:
                 ref_logprobs = score(reference)[0]
         return old_logprobs, entropy, ref_logprobs
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompts_over_length": self.prompts_over_length}
 
-def _experience(
-    groups: Groups, scores: tuple[Tensor | None, Tensor, Tensor | None], rewards: Tensor, advantages: Tensor,
-    excluded: Tensor,
-) -> Experience:  # fmt: skip
-    """The experience of sampled groups, given their (old log-probs, entropies, reference log-probs)."""
-    rollout = groups.rollout
-    old_logprobs, entropy, ref_logprobs = scores
-    return Experience(
-        input_ids=rollout.input_ids,
-        attention_mask=rollout.attention_mask,
-        completion_mask=rollout.completion_mask.float(),
-        entropy=entropy,
-        advantages=advantages,
-        rewards=rewards,
-        truncated=rollout.truncated,
-        prompt_length=rollout.prompt_length,
-        old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs,
-        correct=groups.correct,
-        excluded=excluded,
-        completions=groups.completions,
-    )
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompts_over_length = int(state["prompts_over_length"])
 
 
 def correctness(out: RewardOutput) -> Tensor:

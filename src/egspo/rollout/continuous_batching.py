@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig
 from transformers.generation import ContinuousBatchingConfig
 
-from egspo.model import unwrap_causal_lm
+from egspo.hf_names import unwrap_causal_lm
 from egspo.rollout.engine import Rollout, SamplingParams, decodes_in_lockstep, eval_mode
 from egspo.rollout.hf_generate import blank_generation_config
 

@@ -23,7 +23,8 @@ Refill = Callable[[int], tuple[list[str], list[str]]]
 
 @dataclass
 class Groups:
-    """Sampled and rewarded groups: `num_generations` consecutive rows per prompt."""
+    """Sampled and rewarded rows: `num_generations` consecutive rows per prompt, then any rows a
+    method added (`egspo.methods`), each with its sampling temperature and advantage group."""
 
     rollout: Rollout
     questions: list[str]  # per row
@@ -33,6 +34,46 @@ class Groups:
     correct: Tensor  # [N] bool
     metrics: dict[str, float]
     prompts_over_length: int
+    temperature: Tensor | None = None  # [N] float32 sampling temperature (None: all the rollout's)
+    group: Tensor | None = None  # [N] long advantage group (None: consecutive groups of num_generations)
+    added: Tensor | None = None  # [N] bool: rows a method added beyond the regular samples
+    excluded: Tensor | None = None  # [N] bool: rows left out of the loss (dynamic sampling's top-ups)
+
+    def __len__(self) -> int:
+        return len(self.completions)
+
+
+def append_rows(
+    groups: Groups, extra: Groups, extra_group: Tensor, group_size: int, pad_token_id: int
+) -> Groups:
+    """`groups` followed by the rows of `extra` (marked `added`), whose advantage groups are
+    `extra_group` (a regular group's index, `row // group_size`, to join it; a new index otherwise).
+    Both parts must carry their per-row sampling temperatures."""
+    n, m = len(groups), len(extra)
+    device = groups.rewards.device
+    if groups.temperature is None or extra.temperature is None:
+        raise ValueError("append_rows: both parts need their per-row sampling temperature")
+
+    def flags(value: Tensor | None, rows: int, fill: bool) -> Tensor:
+        return (
+            torch.full((rows,), fill, dtype=torch.bool, device=device) if value is None else value.to(device)
+        )
+
+    regular_group = torch.arange(n, device=device) // group_size if groups.group is None else groups.group
+    return Groups(
+        rollout=concat_rows([groups.rollout, extra.rollout], pad_token_id),
+        questions=groups.questions + extra.questions,
+        answers=groups.answers + extra.answers,
+        completions=groups.completions + extra.completions,
+        rewards=torch.cat([groups.rewards, extra.rewards.to(device)]),
+        correct=torch.cat([groups.correct, extra.correct.to(device)]),
+        metrics=groups.metrics,
+        prompts_over_length=groups.prompts_over_length,
+        temperature=torch.cat([groups.temperature.to(device), extra.temperature.to(device)]),
+        group=torch.cat([regular_group, extra_group.to(device)]),
+        added=torch.cat([flags(groups.added, n, False), flags(None, m, True)]),
+        excluded=torch.cat([flags(groups.excluded, n, False), flags(extra.excluded, m, False)]),
+    )
 
 
 def dynamic_sampling(
@@ -79,12 +120,12 @@ def dynamic_sampling(
 def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, factor: float = 1.0) -> Tensor:
     """DAPO's soft overlong punishment, added to the reward of each sample.
 
-    0 up to `max_length - buffer` tokens, then falling linearly to `-factor` at `max_length`:
-    `min(0, -(|y| - (max_length - buffer)) / buffer * factor)`. Samples cut at the limit get the
-    full `-factor`.
+    0 up to `max_length - buffer` tokens, then falling linearly to `-factor` at `max_length`, and
+    `-factor` beyond it: `clip(-(|y| - (max_length - buffer)) / buffer * factor, -factor, 0)`.
+    Samples cut at the limit get the full `-factor`.
     """
     expected = max_length - buffer
-    return (-(lengths.float() - expected) / buffer * factor).clamp(max=0.0)
+    return (-(lengths.float() - expected) / buffer * factor).clamp(min=-factor, max=0.0)
 
 
 def constant_groups(rewards: Tensor, group_size: int) -> Tensor:

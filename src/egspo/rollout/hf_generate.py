@@ -27,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from egspo.model import unwrap_causal_lm
+from egspo.hf_names import unwrap_causal_lm
 from egspo.rollout.engine import Rollout, SamplingParams, decodes_in_lockstep, eval_mode
 
 

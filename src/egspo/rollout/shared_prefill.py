@@ -41,7 +41,7 @@ from transformers import DynamicCache, LogitsProcessorList, TopKLogitsWarper, To
 from transformers.cache_utils import DynamicLayer
 
 from egspo.distributed import all_ranks_agree
-from egspo.model import unwrap_causal_lm
+from egspo.hf_names import unwrap_causal_lm
 from egspo.rollout.engine import Rollout, SamplingParams, decodes_in_lockstep, eval_mode
 
 

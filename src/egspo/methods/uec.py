@@ -1,29 +1,37 @@
-"""UEC-RL (arXiv 2604.14646), targeted exploration: which prompts are hard, how the extra samples
-drawn at an exploration temperature get advantages, and which samples are kept.
+"""UEC-RL (arXiv 2604.14646) as an RL-iteration plug-in: targeted exploration of hard prompts and a
+replay stabiliser.
 
-Pure torch. The experience builder samples `exploration_samples` more completions of each hard
-prompt at `exploration_temperature`, and uses these rules on the regular and the expanded rows.
+The rules (which prompts are hard, which samples are kept) are pure functions below; `UECRL`
+applies them at the hooks of `egspo.methods.base`: `extend` samples hard prompts again at the
+exploration temperature, `exclude` applies the keep rules once the builder has computed advantages
+over the joint groups (after the same reward shaping and filters as every other row), and
+`after_update` feeds the replay buffer (`egspo.methods.uec_replay`) and runs its update.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-Scale = Literal["group", "batch", "none"]
+from egspo.distributed import all_ranks_agree, any_rank, gather_objects
+from egspo.methods.base import Metrics, RLMethod, Sampler, Train
+from egspo.methods.uec_replay import ReplayBuffer
+from egspo.rollout.engine import SamplingParams
+from egspo.rollout.experience import Experience
+from egspo.rollout.groups import Groups, append_rows
+
 HardRule = Literal["no_correct", "all_zero"]
 AdvantageGroup = Literal["joint", "separate"]
 RegularKeep = Literal["nonzero", "all"]
 ExpandedKeep = Literal["nonnegative", "positive"]
 
 
-@dataclass
-class UECConfig:
-    """UEC-RL's options: targeted exploration on hard prompts and a replay stabiliser.
+class UECRL(RLMethod):
+    """UEC-RL: targeted exploration on hard prompts and a replay stabiliser.
 
     Formula card. What the paper states (Wang, Wei, Zhang, Shao, Dan, Huang, Lan, Wang, "Targeted
     Exploration via Unified Entropy Control for Reinforcement Learning", arXiv 2604.14646, ACL
@@ -66,18 +74,32 @@ class UECConfig:
     scaling and G = 8, the right answers of prompts that at most 3 of 8 samples solved), f_replay 4.
     """
 
-    exploration_samples: int | None = None
-    exploration_temperature: float = 1.2
-    hard_rule: HardRule = "no_correct"
-    advantage_group: AdvantageGroup = "joint"
-    regular_keep: RegularKeep = "nonzero"
-    expanded_keep: ExpandedKeep = "nonnegative"
-    replay_capacity: int = 128
-    replay_min_advantage: float = 1.0
-    replay_every: int = 4
-    replay_batch_size: int | None = None
+    needs_behaviour_logprobs = True  # the replay buffer stores them, for the importance ratio
+    adds_rows = True
 
-    def __post_init__(self) -> None:
+    def __init__(
+        self,
+        exploration_samples: int | None = None,
+        exploration_temperature: float = 1.2,
+        hard_rule: HardRule = "no_correct",
+        advantage_group: AdvantageGroup = "joint",
+        regular_keep: RegularKeep = "nonzero",
+        expanded_keep: ExpandedKeep = "nonnegative",
+        replay_capacity: int = 128,
+        replay_min_advantage: float = 1.0,
+        replay_every: int = 4,
+        replay_batch_size: int | None = None,
+    ) -> None:
+        self.exploration_samples = exploration_samples
+        self.exploration_temperature = exploration_temperature
+        self.hard_rule = hard_rule
+        self.advantage_group = advantage_group
+        self.regular_keep = regular_keep
+        self.expanded_keep = expanded_keep
+        self.replay_capacity = replay_capacity
+        self.replay_min_advantage = replay_min_advantage
+        self.replay_every = replay_every
+        self.replay_batch_size = replay_batch_size
         checks = {
             "exploration_samples": (
                 self.exploration_samples is None or self.exploration_samples >= 1,
@@ -108,14 +130,114 @@ class UECConfig:
         for name, (ok, rule) in checks.items():
             if not ok:
                 raise ValueError(f"UEC-RL option {name}={getattr(self, name)!r}: {rule}")
+        self.replay = ReplayBuffer(replay_capacity, replay_min_advantage) if replay_capacity > 0 else None
 
     def replay_due(self, rl_iteration: int) -> bool:
         """Whether RL iteration ``rl_iteration`` (0-based) ends with a replay update: every
         ``replay_every``-th one. A pure function of the iteration, so a resumed run keeps the rhythm."""
         return self.replay_capacity > 0 and (rl_iteration + 1) % self.replay_every == 0
 
+    # ------------------------------------------------------------------ hooks
+    def check(self, *, dynamic_sampling: bool) -> list[str]:
+        if dynamic_sampling:
+            return [
+                "model.methods: UEC-RL explores the prompts whose samples all failed, which dynamic "
+                "sampling (model.rollout.dynamic_sampling) drops: use one of them"
+            ]
+        return []
 
-# ---------------------------------------------------------------------------------- exploration
+    def extend(
+        self, groups: Groups, sample: Sampler, stats: Metrics, *, params: SamplingParams, group_size: int
+    ) -> Groups:
+        """More samples of each hard prompt at the exploration temperature, joined to the batch.
+
+        Every process samples when any has a hard prompt (a sharded model generates in lock-step):
+        one without samples its first prompt and discards it.
+        """
+        if self.replay is not None:  # rows are re-padded with the rollout's pad token
+            self.replay.pad_token_id = params.pad_token_id
+        if groups.temperature is None:  # each row is scored (and replayed) at its own temperature
+            groups.temperature = torch.full_like(groups.rewards, params.temperature)
+        g = group_size
+        hard = hard_prompts(groups.rewards, groups.correct, g, self.hard_rule)
+        index = hard.nonzero().flatten().tolist()
+        stats["uec/hard_prompts"] = len(index) / len(hard)
+        if not any_rank(bool(index)):
+            return groups
+        explore = replace(
+            params,
+            temperature=self.exploration_temperature,
+            num_samples=self.exploration_samples or params.num_samples,
+        )
+        pick = index or [0]
+        expanded = sample(
+            [groups.questions[i * g] for i in pick], [groups.answers[i * g] for i in pick], explore
+        )
+        if not index:
+            return groups
+        expanded.temperature = torch.full_like(expanded.rewards, explore.temperature)
+        stats["uec/expanded_success"] = float(expanded.correct.float().mean())
+        ids = expanded_groups(hard, g, explore.num_samples, self.advantage_group)
+        return append_rows(groups, expanded, ids, g, params.pad_token_id)
+
+    def exclude(self, groups: Groups, advantages: Tensor) -> Tensor | None:
+        """UEC-RL's keep rules, only in a batch this process extended (else the batch is GRPO's)."""
+        if groups.added is None or not bool(groups.added.any()):
+            return None
+        added = groups.added
+        keep, keep_expanded = select_exploration_samples(
+            advantages[~added],
+            advantages[added],
+            regular_keep=self.regular_keep,
+            expanded_keep=self.expanded_keep,
+        )
+        excluded = torch.zeros_like(added)
+        excluded[~added] = ~keep
+        excluded[added] = ~keep_expanded
+        return excluded
+
+    def after_update(self, experience: Experience, train: Train, rl_iteration: int) -> Metrics:
+        """The stabiliser: the iteration's experience joins the buffer; every `replay_every`
+        iterations one more optimizer step on a batch of it."""
+        if self.replay is None:
+            return {}
+        self.replay.add(experience, temperature=experience.temperature, iteration=rl_iteration)
+        metrics: Metrics = {}
+        batch = self.replay_batch(rl_iteration, experience.input_ids.device)
+        if batch is not None:
+            metrics = {f"replay/{k}": v for k, v in train(batch).items()}
+        return {**metrics, **self.replay.metrics(rl_iteration)}
+
+    def replay_batch(self, rl_iteration: int, device: torch.device) -> Experience | None:
+        """This iteration's replay batch (rows at their sampling temperatures), or None.
+
+        Drawn with a generator seeded by the RL iteration, so a resumed run replays the same rows;
+        every process joins the decision (a replay step is an optimizer step all ranks take).
+        """
+        size = self.replay_batch_size
+        ready = len(self.replay) >= (size or 1)
+        if not (self.replay_due(rl_iteration) and all_ranks_agree(ready)):
+            return None
+        index = (
+            None
+            if size is None
+            else self.replay.sample_index(size, torch.Generator().manual_seed(rl_iteration))
+        )
+        batch = self.replay.batch(device=device, index=index)
+        batch.temperature = self.replay.row_temperatures(index=index).to(device)
+        return batch
+
+    def state_dict(self) -> dict:
+        """The replay buffer of every process (a collective), in rank order."""
+        return {"replay": None if self.replay is None else gather_objects(self.replay.state_dict())}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.replay is not None and state.get("replay") is not None:
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            self.replay.load_state_dict(state["replay"][rank])
+
+
+# ---------------------------------------------------------------------------------- the rules
 def hard_prompts(rewards: Tensor, correct: Tensor, group_size: int, rule: HardRule = "no_correct") -> Tensor:
     """``[B]`` bool: the prompts to explore further. ``"no_correct"``: no sample of the group is
     right; ``"all_zero"``: every sample's reward is 0 (the public note's wording)."""
@@ -130,50 +252,22 @@ def hard_prompts(rewards: Tensor, correct: Tensor, group_size: int, rule: HardRu
     raise ValueError(f"rule must be 'no_correct' or 'all_zero', got {rule!r}")
 
 
-def exploration_advantages(
-    rewards: Tensor,
-    expanded_rewards: Tensor,
-    hard: Tensor,
-    group_size: int,
-    expanded_group_size: int,
-    *,
-    scale: Scale = "group",
-    advantage_group: AdvantageGroup = "joint",
-    eps: float = 1e-6,
-) -> tuple[Tensor, Tensor]:
-    """Group-relative advantages of the regular rows ``[B * G]`` and the expanded rows ``[H * G']``.
+def expanded_groups(
+    hard: Tensor, group_size: int, expanded_group_size: int, advantage_group: AdvantageGroup
+) -> Tensor:
+    """``[H * G']`` long: the advantage group of each expanded row (hard prompts in order).
 
-    ``expanded_rewards`` holds the G' expanded samples of each hard prompt, in the order of the
-    hard prompts (``H = hard.sum()``). ``"joint"``: a hard prompt's group is its G regular and G'
-    expanded rewards; ``"separate"``: the expanded samples form a group of their own and the
-    regular rows keep their usual advantages. Other prompts' groups are unchanged. The formula is
-    :func:`egspo.advantages.group_advantages`'s (Bessel std, ``eps``, constant groups exactly 0);
-    ``scale="batch"`` divides by the std of all rewards, regular and expanded. With no hard prompt
-    the result equals ``group_advantages(rewards, group_size, scale)``.
+    ``"joint"``: a hard prompt's G regular and G' expanded samples form one group of G + G' (an
+    expanded success then pushes the failed regular samples down), so an expanded row takes its
+    prompt's index; ``"separate"``: the expanded samples of a prompt form a group of their own,
+    numbered after the regular ones. Regular rows keep ``row // group_size`` either way.
     """
-    b = hard.numel()
-    h = int(hard.sum())
-    if rewards.shape != (b * group_size,):
-        raise ValueError(f"rewards must be [{b} * {group_size}], got {tuple(rewards.shape)}")
-    if expanded_rewards.shape != (h * expanded_group_size,):
-        raise ValueError(
-            f"expanded_rewards must be [{h} hard prompts * {expanded_group_size}], got {tuple(expanded_rewards.shape)}"
-        )
-    if scale not in ("group", "batch", "none"):
-        raise ValueError(f"scale must be 'group', 'batch' or 'none', got {scale!r}")
     if advantage_group not in ("joint", "separate"):
         raise ValueError(f"advantage_group must be 'joint' or 'separate', got {advantage_group!r}")
-    regular = rewards.view(b, group_size)
-    expanded = expanded_rewards.view(h, expanded_group_size)
-    batch_std = torch.cat([rewards, expanded_rewards]).std() if scale == "batch" else None
-    advantages = _advantages(regular, scale, batch_std, eps)
-    if h == 0:
-        return advantages.view(-1), expanded_rewards.new_zeros(0)
+    index = hard.nonzero().flatten()
     if advantage_group == "separate":
-        return advantages.view(-1), _advantages(expanded, scale, batch_std, eps).view(-1)
-    joint = _advantages(torch.cat([regular[hard], expanded], dim=1), scale, batch_std, eps)
-    advantages[hard] = joint[:, :group_size]
-    return advantages.view(-1), joint[:, group_size:].reshape(-1)
+        index = hard.numel() + torch.arange(len(index), device=hard.device)
+    return index.repeat_interleave(expanded_group_size)
 
 
 def select_exploration_samples(
@@ -204,14 +298,3 @@ def select_exploration_samples(
     else:
         raise ValueError(f"expanded_keep must be 'nonnegative' or 'positive', got {expanded_keep!r}")
     return keep, keep_expanded
-
-
-def _advantages(grouped: Tensor, scale: Scale, batch_std: Tensor | None, eps: float) -> Tensor:
-    """``[groups, size]`` advantages, as :func:`egspo.advantages.group_advantages` computes them."""
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (batch_std + eps)
-    constant = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
-    return centred.masked_fill(constant, 0.0)

@@ -1,10 +1,8 @@
-"""UEC-RL (arXiv 2604.14646), the stabiliser: a buffer of recent high-advantage trajectories that a
-replay update trains on every `replay_every` iterations, with importance ratios against the policy
-that sampled them.
+"""UEC-RL's stabiliser buffer: recent high-advantage trajectories that a replay update trains on
+every `replay_every` iterations, with importance ratios against the policy that sampled them.
 
-Pure torch, no Lightning. The module adds each iteration's experience after its update, runs the
-replay update from :meth:`ReplayBuffer.batch`, and saves :meth:`ReplayBuffer.state_dict` in its
-checkpoints. The options and the formula card are `egspo.rollout.exploration.UECConfig`'s.
+Pure torch. `egspo.methods.UECRL.after_update` adds each iteration's experience and draws the
+replay batches; its docstring holds the options and the formula card.
 """
 
 from __future__ import annotations
@@ -17,9 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from egspo.distributed import all_ranks_agree
 from egspo.rollout.experience import Experience
-from egspo.rollout.exploration import UECConfig
 
 STATE_VERSION = 1
 
@@ -323,48 +319,3 @@ def _to_experience(
         return experience
     moved = {f.name: getattr(experience, f.name) for f in fields(experience)}
     return replace(experience, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
-
-
-class ReplayStabiliser:
-    """UEC-RL's stabiliser as the training loop uses it: a `ReplayBuffer` fed after every RL
-    iteration's update, and a replay batch every `uec.replay_every` iterations.
-
-    The replay batch is drawn with a generator seeded by the RL iteration, so a resumed run
-    replays the same rows; every process joins the decision (a replay step is an optimizer step
-    every rank must take together).
-    """
-
-    def __init__(self, uec: UECConfig, pad_token_id: int) -> None:
-        self.uec = uec
-        self.buffer = ReplayBuffer(uec.replay_capacity, uec.replay_min_advantage, pad_token_id)
-
-    def __len__(self) -> int:
-        return len(self.buffer)
-
-    def add(self, experience: Experience, default_temperature: float, rl_iteration: int) -> None:
-        temperature = default_temperature if experience.temperature is None else experience.temperature
-        self.buffer.add(experience, temperature=temperature, iteration=rl_iteration)
-
-    def batch_due(self, rl_iteration: int, device: torch.device) -> Experience | None:
-        """This iteration's replay batch (rows at their sampling temperatures), or None."""
-        size = self.uec.replay_batch_size
-        ready = len(self.buffer) >= (size or 1)
-        if not (self.uec.replay_due(rl_iteration) and all_ranks_agree(ready)):
-            return None
-        index = (
-            None
-            if size is None
-            else self.buffer.sample_index(size, torch.Generator().manual_seed(rl_iteration))
-        )
-        batch = self.buffer.batch(device=device, index=index)
-        batch.temperature = self.buffer.row_temperatures(index=index).to(device)
-        return batch
-
-    def metrics(self, rl_iteration: int) -> dict[str, float]:
-        return self.buffer.metrics(rl_iteration)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.buffer.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.buffer.load_state_dict(state)

@@ -1,8 +1,7 @@
-"""OGER: an offline-guided exploration bonus for correct rollouts (arXiv 2604.18530), as a plain component.
+"""OGER (arXiv 2604.18530) as an RL-iteration plug-in: an offline-guided exploration bonus for
+correct rollouts, paid at the reward-shaping hook (`egspo.methods.base`), before advantages.
 
-Pure torch, no Lightning: the experience builder calls :class:`OGERBonus` between the verifiable
-reward and the group-relative advantages, and logs its metrics beside the reward's. The formula
-card (what the paper states vs. what egspo chooses) is the docstring of :class:`OGERBonus`.
+The formula card (what the paper states vs. what egspo chooses) is the docstring of :class:`OGER`.
 """
 
 from __future__ import annotations
@@ -15,6 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from egspo.hf_names import unwrap_causal_lm
+from egspo.methods.base import Metrics, RLMethod, RolloutContext
+from egspo.rollout.groups import Groups
 from egspo.schedules import MuSchedule, ramp
 
 Similarity = Literal["max", "mean"]
@@ -91,7 +93,7 @@ class BonusSchedule:
         return ramp(1.0, self.final, progress, self.kind)
 
 
-class OGERBonus:
+class OGER(RLMethod):
     """Offline-guided exploration bonus: ``R'_i = R_i + b_i``, paid to correct rollouts that diverge
     from their prompt's teacher trajectories with confidence, never enough to reorder two rewards.
 
@@ -185,6 +187,30 @@ class OGERBonus:
         self.entropy_temperature = entropy_temperature
         self.combine = combine
         self.schedule = schedule
+
+    needs_fixed_groups = True  # the bonus is bounded by each group's reward gaps, num_generations rows each
+
+    def shape_rewards(
+        self, groups: Groups, entropy: Tensor, context: RolloutContext
+    ) -> tuple[Tensor, Metrics]:
+        """The bonus of every row: the embeddings of its completion and of its prompt's teachers."""
+        prompts = groups.questions[:: context.group_size]
+        pooled, teacher = embed_rollouts_and_teachers(
+            context.policy,
+            context.tokenizer,
+            groups.rollout,
+            [list(context.teachers.get(q, ())) for q in prompts],
+        )
+        return self(
+            pooled,
+            teacher,
+            entropy=entropy,
+            mask=groups.rollout.completion_mask,
+            rewards=groups.rewards,
+            correct=groups.correct,
+            group_size=context.group_size,
+            rl_iteration=context.rl_iteration,
+        )
 
     def scale(self, rl_iteration: int) -> float:
         """``s(k)``, checked to lie in ``[0, 1]`` (a larger value would break the ordering bound)."""
@@ -340,8 +366,6 @@ def embed_rollouts_and_teachers(
 
     The embedding matrix is gathered whole first (under FSDP2 a collective: every rank calls this).
     """
-    from egspo.model import unwrap_causal_lm
-
     weight = unwrap_causal_lm(policy).get_input_embeddings().weight
     weight = weight.full_tensor() if hasattr(weight, "full_tensor") else weight
     pooled = mean_pool_embeddings(rollout.completion_ids, rollout.completion_mask, weight)
