@@ -8,6 +8,7 @@ from tiny_model import tiny_qwen2_json
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["grpo", "dapo", "chord_phi", "ce_gppo", "espo", "egspo", "egspo_mu", "papo", "oger", "uec_rl"]
+METHODS += ["gspo", "cispo", "clip_cov", "kl_cov", "top_entropy", "dr_grpo"]
 TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 
 pytestmark = pytest.mark.slow
@@ -76,6 +77,7 @@ def test_fit_every_method_switches_phase_and_learns(tmp_path, method):
 def test_method_overlay_selects_its_loss(tmp_path):
     from egspo.cli import run
     from egspo.losses import CEGPPOLoss, ChordPhiLoss, EGSPOLoss, ESPOLoss, NLLLoss, PAPOLoss, PPOClipLoss
+    from egspo.losses import CISPOLoss, ClipCovLoss, GSPOLoss, KLCovLoss
 
     expected = {
         "grpo": (PPOClipLoss, 0.2, 0.0),
@@ -88,6 +90,12 @@ def test_method_overlay_selects_its_loss(tmp_path):
         "papo": (PAPOLoss, 0.2, 0.0),
         "oger": (PPOClipLoss, 0.2, 0.0),
         "uec_rl": (PPOClipLoss, 0.2, 0.0),
+        "gspo": (GSPOLoss, 4e-4, 0.0),
+        "cispo": (CISPOLoss, 4.0, 0.0),
+        "clip_cov": (ClipCovLoss, 0.2, 0.0),
+        "kl_cov": (KLCovLoss, None, 0.0),
+        "top_entropy": (EGSPOLoss, 0.2, 0.0),
+        "dr_grpo": (PPOClipLoss, 0.2, 0.0),
     }
     for method, (cls, clip_high, mu) in expected.items():
         cli = run(tiny_args(tmp_path, "configs/demo.yaml", f"configs/method/{method}.yaml"), run=False)
@@ -100,6 +108,11 @@ def test_method_overlay_selects_its_loss(tmp_path):
         assert isinstance(cli.model.policy_update.mix_loss, ChordPhiLoss) == (
             method in ("chord_phi", "egspo_mu")
         )
-        assert (cli.model.exploration_bonus is not None) == (method == "oger")
-        assert (cli.model.uec is not None) == (method == "uec_rl")
+        plugins = [type(m).__name__ for m in cli.model.methods]
+        assert plugins == {"oger": ["OGER"], "uec_rl": ["UECRL"]}.get(method, [])
         assert type(cli.model.policy_update.warmup_loss) is NLLLoss
+        if method == "top_entropy":  # the 80/20 selection: EGSPO with phi = 0
+            assert loss.low_entropy_weight == 0.0
+        if method == "dr_grpo":
+            assert loss.loss_agg_mode == "seq-mean-token-sum-norm"
+            assert cli.model.experience_builder.config.advantage_scale == "none"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from egspo.rollout.engine import RolloutEngine
+from egspo.rollout.shared_prefill import SharedPrefillEngine
 
 
 def _check(**problems: tuple[bool, str]) -> None:
@@ -93,8 +94,6 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         if self.engine is None:
-            from egspo.rollout import SharedPrefillEngine
-
             self.engine = SharedPrefillEngine()
         buffer = self.overlong_buffer_len
         _check(

@@ -17,6 +17,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
 
 from egspo.hf_names import DTYPES, unwrap_causal_lm
 
@@ -56,8 +64,6 @@ FSDP1_REFUSAL = (
 
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when an FSDP2 unit sits anywhere in `model`."""
-    from torch.distributed.fsdp import FSDPModule
-
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
@@ -87,8 +93,6 @@ def shard_policy(policy: torch.nn.Module, mesh, config: FSDPConfig) -> None:
     `generate` (which calls the model, not the peft wrapper) go through its hooks. A policy
     that is already sharded is left alone.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
     if is_sharded(policy):
         return
     causal_lm = unwrap_causal_lm(policy)
@@ -127,7 +131,6 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, Tensor]:
     """Unsharded CPU copies of all weights, on every rank (a collective when sharded)."""
     if not is_sharded(model):
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     return {k: v.detach().cpu().clone() for k, v in state.items()}

@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
-from pathlib import Path
 from typing import Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from egspo.callbacks.evaluation import HeldOutEvaluation
 from egspo.callbacks.progress import phase_progress_bar
 from egspo.callbacks.rollout import RolloutCallback
 from egspo.config import EvalConfig, PromptConfig, RolloutConfig, UpdateConfig
@@ -37,7 +36,7 @@ from egspo.methods import RLMethod
 from egspo.model import KLReference, PolicyConfig, load_policy, load_tokenizer
 from egspo.resume import check_resume
 from egspo.rewards import MathReward, RewardFunction
-from egspo.rng import capture_rng_states, restore_rng_snapshot, restore_rng_states, rng_snapshot
+from egspo.rng import capture_rng_states, restore_rng_states
 from egspo.rollout.builder import ExperienceBuilder, clock
 from egspo.schedules import ConstantMu, MuSchedule, PhaseLearningRates
 from egspo.update import PolicyUpdate
@@ -125,7 +124,6 @@ class HybridRLModule(LightningModule):
         self.iteration = 0  # iterations completed
         self.learning_rates = PhaseLearningRates(lr_scheduler, rl_lr_scheduler, update.rl_learning_rate)
         self.rng_to_restore: list | None = None
-        self.rng_before_eval: tuple | None = None
 
     @property
     def policy_loss(self) -> PolicyLoss:
@@ -151,9 +149,10 @@ class HybridRLModule(LightningModule):
         return self.optimizer_factory([p for p in self.policy.parameters() if p.requires_grad])
 
     def configure_callbacks(self) -> list[Callback]:
-        """The rollout callback (a run cannot forget it) and the phase-aware progress bar."""
+        """Rollouts and held-out evaluation (a run cannot forget them), the phase-aware progress bar."""
         bar = phase_progress_bar(self.trainer.progress_bar_callback)
-        return [RolloutCallback(self.experience_builder)] + ([bar] if bar is not None else [])
+        own = [RolloutCallback(self.experience_builder), HeldOutEvaluation(self.evaluator, self.summary)]
+        return own + ([bar] if bar is not None else [])
 
     # ----------------------------------------------------------------- phases
     @property
@@ -239,48 +238,13 @@ class HybridRLModule(LightningModule):
         return {"gate_threshold": threshold}
 
     # ----------------------------------------------------------------- evaluation
-    def on_validation_start(self) -> None:
-        # Evaluating mid-fit must not move the training run's random streams.
-        self.rng_before_eval = rng_snapshot() if self.trainer.state.fn == "fit" else None
-
-    def on_validation_end(self) -> None:
-        if self.rng_before_eval is not None:
-            restore_rng_snapshot(self.rng_before_eval)
-
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Answers one eval batch; `HeldOutEvaluation` logs each epoch's results."""
         eval_set = self.trainer.datamodule.eval_set_names[dataloader_idx]
         seed = eval_seed(dataloader_idx, batch_idx * self.trainer.world_size + self.trainer.global_rank)
         self.evaluator.evaluate_batch(self.policy, eval_set, batch, seed)
 
     test_step = validation_step
-
-    def on_validation_epoch_end(self) -> None:
-        results = self.log_eval("val")
-        if self.trainer.state.fn == "fit" and self.iteration in (self.sft_iterations, self.total_iterations):
-            phase = "sft" if self.iteration == self.sft_iterations else "rl"
-            self.summary.record(phase, results)
-            rank_zero_info(
-                f"held-out accuracy after {phase} (iteration {self.iteration}): {self.summary.headline(phase):.3f}"
-            )
-
-    def on_test_epoch_end(self) -> None:
-        self.log_eval("test")
-
-    def log_eval(self, stage: str) -> dict[str, dict[str, float]]:
-        """`<stage>/<set>/<metric>`: greedy accuracy, pass@k, maj@k, length, truncation rate."""
-        results = self.evaluator.results()
-        self.log_dict(
-            {f"{stage}/{n}/{k}": v for n, m in results.items() for k, v in m.items()},
-            add_dataloader_idx=False,
-        )
-        return results
-
-    def on_fit_end(self) -> None:
-        if self.trainer.is_global_zero and self.summary.phases:
-            path = self.summary.write(
-                Path(self.trainer.log_dir or self.trainer.default_root_dir), self.iteration
-            )
-            print(f"\n{self.summary.table()}\nsummary: {path}")
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -291,44 +255,42 @@ class HybridRLModule(LightningModule):
             "iteration": self.iteration,
             "sft_iterations": self.sft_iterations,
             "policy": dataclasses.asdict(self.policy_spec),
-            "summary": self.summary.state_dict(),
-            "update": self.policy_update.state_dict(),
+            **{name: part.state_dict() for name, part in self.stateful_parts().items()},
             "policy_loss": {"class": type(loss).__name__, "state": loss.state_dict()},
-            "experience_builder": self.experience_builder.state_dict(),
-            "learning_rates": self.learning_rates.state_dict(),
             "reference": None if self.reference is None else self.reference.state_dict(),
-            "methods": [{"class": type(m).__name__, "state": m.state_dict()} for m in self.methods],
+            "methods": {type(m).__name__: m.state_dict() for m in self.methods},
             "rng": capture_rng_states(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Put back what `on_save_checkpoint` saved; the RNG streams wait for the training loop."""
+        """Put back what `on_save_checkpoint` saved; the RNG streams wait for the training loop.
+        A loss or method the saved run did not have starts fresh."""
         state = checkpoint.get("egspo")
         if state is None:
             raise ValueError(
                 "the checkpoint was not written by egspo (no 'egspo' state): cannot resume from it"
             )
-        check_resume(
-            state,
-            checkpoint.get("state_dict", {}),
-            self.state_dict(),
-            self.sft_iterations,
-            self.total_iterations,
-        )
+        own = self.state_dict()
+        check_resume(state, checkpoint.get("state_dict", {}), own, self.sft_iterations, self.total_iterations)
         self.iteration = state["iteration"]
-        self.summary.load_state_dict(state["summary"])
-        self.policy_update.load_state_dict(state["update"])
-        if state["policy_loss"]["class"] == type(self.policy_loss).__name__:  # a new loss starts fresh
+        for name, part in self.stateful_parts().items():
+            part.load_state_dict(state[name])
+        if state["policy_loss"]["class"] == type(self.policy_loss).__name__:
             self.policy_loss.load_state_dict(state["policy_loss"]["state"])
-        self.experience_builder.load_state_dict(state["experience_builder"])
-        self.learning_rates.load_state_dict(state["learning_rates"])
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"], self.policy)
-        saved = {entry["class"]: entry["state"] for entry in state["methods"]}
-        for method in self.methods:  # a method the saved run did not have starts fresh
-            if type(method).__name__ in saved:
-                method.load_state_dict(saved[type(method).__name__])
+        for method in self.methods:
+            method.load_state_dict(state["methods"].get(type(method).__name__, {}))
         self.rng_to_restore = state["rng"]
+
+    def stateful_parts(self) -> dict:
+        """The components whose `state_dict` a checkpoint keeps, by name."""
+        return {
+            "summary": self.summary,
+            "update": self.policy_update,
+            "experience_builder": self.experience_builder,
+            "learning_rates": self.learning_rates,
+        }
 
 
 def _mean(steps: list[dict[str, float]], key: str) -> float:

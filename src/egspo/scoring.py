@@ -108,6 +108,7 @@ def token_logprobs(
     Returns:
         :class:`TokenScores` `(logprobs, entropy, polarity)`, each `[B, L]` fp32 and zero where
         `score_mask` is 0 (`polarity` None unless asked for). Gradient flows through `logprobs` only.
+    Long: the decoder pass, the response-position gather and the fused head are one pipeline whose shapes are easiest to follow in one place.
     """
     if buckets > 1 and input_ids.shape[0] > 1:
         return _right_sized(

@@ -173,7 +173,10 @@ def render_png(
     path: Path,
     line_chars: int = 90,
 ):
-    """The same picture with matplotlib (plus the batch's entropy histogram); returns the figure's RGB array."""
+    """The same picture with matplotlib (plus the batch's entropy histogram); returns the figure's RGB array.
+
+    Long: one matplotlib figure drawn top to bottom (tokens, gate line, histogram), a plotting script more than logic.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

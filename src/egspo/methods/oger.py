@@ -245,6 +245,7 @@ class OGER(RLMethod):
             entropy, mask: ``[N, C]`` token entropies (nats) and the valid-token mask.
             rewards: ``[N]`` verifiable rewards, grouped by prompt. correct: ``[N]`` bool.
             group_size: rollouts per prompt. rl_iteration: for the schedule (0-based).
+        Long: the formula card's steps (divergence, confidence, bounded payment, metrics) in order, one block each.
         """
         n = rewards.numel()
         if rewards.dim() != 1 or group_size < 1 or n % group_size:

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from egspo.distributed import all_ranks_agree, any_rank, gather_objects
@@ -233,7 +234,7 @@ class UECRL(RLMethod):
 
     def load_state_dict(self, state: dict) -> None:
         if self.replay is not None and state.get("replay") is not None:
-            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
             self.replay.load_state_dict(state["replay"][rank])
 
 

@@ -117,6 +117,7 @@ class ReplayBuffer:
             behaviour_logprobs: ``[N, C]`` log-probs of the sampled tokens under the policy that
                 drew them, at its temperature; default ``experience.old_logprobs``. One of the two
                 is needed (the builder scores old log-probs when the update asks for them).
+        Long: validation, then one vectorised copy to the CPU and one loop that stores each kept row unpadded.
         """
         behaviour = experience.old_logprobs if behaviour_logprobs is None else behaviour_logprobs
         if behaviour is None:

@@ -107,6 +107,7 @@ def _forward(
     With ``grad_dir`` the direction ``(a / T) (k_y W[y_n] - (p_n * k_n)^T W)`` of the hidden-state
     gradient is computed while the probabilities are at hand (one matmul instead of two in backward);
     the backward pass then only scales it by the upstream gradient. Used when the weight is frozen.
+    Long: the chunk loop holds the memory schedule of the op (one chunk of logits alive at a time), kept in one place so it can be read as such.
     """
     n, vocab = hidden.shape[0], weight.shape[0]
     dev, acc = hidden.device, _acc_dtype(hidden.dtype)
@@ -343,6 +344,7 @@ def fused_logprobs_entropy(
     The gradient flows to ``hidden``, ``weight`` and ``bias`` as far as they require it; with a frozen
     weight and bias (LoRA) the hidden-state gradient direction is formed during the forward pass, so
     the backward pass costs no matmul.
+    Long: input checks and the choice between the autograd and the no-grad path, each a few lines, for one public entry point.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(

@@ -130,22 +130,17 @@ class ExperienceBuilder:
         device = next(policy.parameters()).device
         g = self.config.num_generations
         params = self.sampling_params(policy)
-        t0 = clock(device)
-        groups = self.sample(policy, questions, answers)
+        t0, sample = clock(device), partial(self.sample, policy)
+        groups = sample(questions, answers)
         stats = {"rollout/all_equal_groups": constant_groups(groups.rewards, g).float().mean().item()}
         if self.config.dynamic_sampling:
-            groups, excluded, dynamic = dynamic_sampling(
-                partial(self.sample, policy),
-                groups,
-                refill,
-                g,
-                self.config.max_num_gen_batches,
-                self.pad_token_id,
+            rounds = self.config.max_num_gen_batches
+            groups, groups.excluded, dynamic = dynamic_sampling(
+                sample, groups, refill, g, rounds, self.pad_token_id
             )
-            groups.excluded = excluded
             stats.update(dynamic)
         for method in self.methods:
-            groups = method.extend(groups, partial(self.sample, policy), stats, params=params, group_size=g)
+            groups = method.extend(groups, sample, stats, params=params, group_size=g)
         t1 = clock(device)
         old_logprobs, entropy, ref_logprobs = self._score(policy, groups)
         context = RolloutContext(policy, self.encoder.tokenizer, rl_iteration, g, teachers or {})
@@ -154,13 +149,8 @@ class ExperienceBuilder:
             advantages = group_advantages(rewards, g, scale=self.config.advantage_scale)
         else:
             advantages = indexed_group_advantages(rewards, groups.group, scale=self.config.advantage_scale)
+        excluded = self._excluded(groups, advantages)
         rollout = groups.rollout
-        excluded = torch.zeros_like(groups.correct) if groups.excluded is None else groups.excluded
-        if self.config.mask_truncated_completions:
-            excluded = excluded | rollout.truncated
-        for method in self.methods:
-            dropped = method.exclude(groups, advantages)
-            excluded = excluded if dropped is None else excluded | dropped
         experience = Experience(
             input_ids=rollout.input_ids,
             attention_mask=rollout.attention_mask,
@@ -177,25 +167,22 @@ class ExperienceBuilder:
             temperature=groups.temperature,
             completions=groups.completions,
         )
-        t2 = clock(device)
-        regular = slice(None) if groups.added is None else ~groups.added  # the statistics of the regular rows
-        lengths = rollout.completion_mask[regular].sum(1)
         stats.update(groups.metrics)
-        stats.update(
-            {
-                "reward": float(rewards[regular].mean()),
-                "entropy": float(masked_mean(entropy[regular], rollout.completion_mask[regular])),
-                "train/accuracy": float(groups.correct[regular].float().mean()),
-                "train/response_length": float(lengths.float().mean()),
-                "train/truncation_rate": float(rollout.truncated[regular].float().mean()),
-                "rollout/excluded_samples": float(excluded.float().mean()),
-                "data/prompts_over_length": float(groups.prompts_over_length),
-                "data/prompts_over_length_total": float(self.prompts_over_length),
-                "time/generation": t1 - t0,
-                "time/scoring": t2 - t1,
-            }
-        )
+        stats.update(rollout_statistics(groups, rewards, entropy, excluded))
+        stats["data/prompts_over_length_total"] = float(self.prompts_over_length)
+        stats["time/generation"], stats["time/scoring"] = t1 - t0, clock(device) - t1
         return experience, stats
+
+    def _excluded(self, groups: Groups, advantages: Tensor) -> Tensor:
+        """`[N]` bool, the rows out of the loss: dynamic sampling's top-ups, truncated samples with
+        overlong filtering, and each method's exclusions; every row judged alike."""
+        excluded = torch.zeros_like(groups.correct) if groups.excluded is None else groups.excluded
+        if self.config.mask_truncated_completions:
+            excluded = excluded | groups.rollout.truncated
+        for method in self.methods:
+            dropped = method.exclude(groups, advantages)
+            excluded = excluded if dropped is None else excluded | dropped
+        return excluded
 
     def _shaped_rewards(
         self, groups: Groups, entropy: Tensor, context: RolloutContext, stats: dict[str, float]
@@ -257,12 +244,13 @@ class ExperienceBuilder:
     def _score(self, policy: torch.nn.Module, groups: Groups) -> tuple[Tensor | None, Tensor, Tensor | None]:
         """Old log-probs (when needed), token entropies, reference log-probs (when needed), each row
         at the temperature it was sampled at."""
-        rollout = groups.rollout
-        temperatures = groups.temperature
-        score_old = self.needs_old_logprobs(len(groups))
+        score = partial(
+            score_rollout, policy, old=self.needs_old_logprobs(len(groups)), reference=self.reference,
+            chunk_size=self.update.logprob_chunk_size,
+        )  # fmt: skip
+        rollout, temperatures = groups.rollout, groups.temperature
         if temperatures is None or len(temperatures.unique()) == 1:
-            t = self.config.temperature if temperatures is None else float(temperatures[0])
-            return self._score_rows(policy, rollout, t, score_old)
+            return score(rollout, self.config.temperature if temperatures is None else float(temperatures[0]))
         scores: list[Tensor | None] = [
             None,
             torch.zeros_like(rollout.completion_mask, dtype=torch.float32),
@@ -270,48 +258,71 @@ class ExperienceBuilder:
         ]
         for t in temperatures.unique():
             rows = (temperatures == t).nonzero().flatten()
-            for k, part in enumerate(self._score_rows(policy, take_rows(rollout, rows), float(t), score_old)):
+            for k, part in enumerate(score(take_rows(rollout, rows), float(t))):
                 if part is not None:
-                    if scores[k] is None:
-                        scores[k] = torch.zeros_like(scores[1])
+                    scores[k] = torch.zeros_like(scores[1]) if scores[k] is None else scores[k]
                     scores[k][rows] = part.float()
         return scores[0], scores[1], scores[2]
-
-    def _score_rows(
-        self, policy: torch.nn.Module, rollout: Rollout, temperature: float, score_old: bool
-    ) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        p = rollout.prompt_length
-        score_mask = torch.cat(
-            [rollout.completion_mask.new_zeros(rollout.input_ids.shape[0], p), rollout.completion_mask], dim=1
-        )
-
-        def score(model: torch.nn.Module = policy) -> tuple[Tensor, Tensor]:
-            scores = token_logprobs(
-                model,
-                rollout.input_ids,
-                rollout.attention_mask,
-                score_mask,
-                temperature=temperature,
-                chunk_size=self.update.logprob_chunk_size,
-            )
-            return scores[0][:, p:], scores[1][:, p:]
-
-        old_logprobs = entropy = ref_logprobs = None
-        if score_old or rollout.entropy is None:
-            logprobs, entropy = score()
-            old_logprobs = logprobs if score_old else None
-        if rollout.entropy is not None:
-            entropy = rollout.entropy.float()
-        if self.reference is not None:
-            with self.reference(policy) as reference:
-                ref_logprobs = score(reference)[0]
-        return old_logprobs, entropy, ref_logprobs
 
     def state_dict(self) -> dict[str, Any]:
         return {"prompts_over_length": self.prompts_over_length}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.prompts_over_length = int(state["prompts_over_length"])
+
+
+def score_rollout(
+    policy: torch.nn.Module,
+    rollout: Rollout,
+    temperature: float,
+    *,
+    old: bool,
+    reference: Reference | None,
+    chunk_size: int | None,
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """`[N, C]` old log-probs (when `old`), entropies and reference log-probs (with a `reference`) of
+    the rollout's completion tokens under `softmax(logits / temperature)`. The entropies are the
+    engine's when it recorded them; otherwise they come out of the old-log-prob pass."""
+    p = rollout.prompt_length
+    score_mask = torch.cat(
+        [rollout.completion_mask.new_zeros(rollout.input_ids.shape[0], p), rollout.completion_mask], dim=1
+    )
+
+    def score(model: torch.nn.Module) -> tuple[Tensor, Tensor]:
+        scores = token_logprobs(
+            model, rollout.input_ids, rollout.attention_mask, score_mask, temperature=temperature,
+            chunk_size=chunk_size,
+        )  # fmt: skip
+        return scores[0][:, p:], scores[1][:, p:]
+
+    old_logprobs = entropy = ref_logprobs = None
+    if old or rollout.entropy is None:
+        logprobs, entropy = score(policy)
+        old_logprobs = logprobs if old else None
+    if rollout.entropy is not None:
+        entropy = rollout.entropy.float()
+    if reference is not None:
+        with reference(policy) as model:
+            ref_logprobs = score(model)[0]
+    return old_logprobs, entropy, ref_logprobs
+
+
+def rollout_statistics(
+    groups: Groups, rewards: Tensor, entropy: Tensor, excluded: Tensor
+) -> dict[str, float]:
+    """What the logs show of a rollout batch, over its regular rows (not the rows a method added)."""
+    rollout = groups.rollout
+    rows = slice(None) if groups.added is None else ~groups.added
+    mask = rollout.completion_mask[rows]
+    return {
+        "reward": float(rewards[rows].mean()),
+        "entropy": float(masked_mean(entropy[rows], mask)),
+        "train/accuracy": float(groups.correct[rows].float().mean()),
+        "train/response_length": float(mask.sum(1).float().mean()),
+        "train/truncation_rate": float(rollout.truncated[rows].float().mean()),
+        "rollout/excluded_samples": float(excluded.float().mean()),
+        "data/prompts_over_length": float(groups.prompts_over_length),
+    }
 
 
 def correctness(out: RewardOutput) -> Tensor:

@@ -17,7 +17,10 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from egspo.distributed import is_sharded
 
 
 @dataclass(frozen=True)
@@ -158,12 +161,8 @@ def decodes_in_lockstep(model: torch.nn.Module) -> bool:
     collective: a rank that stopped decoding early (its rows all finished) would leave the others
     waiting in their next forward pass forever. It must keep stepping until every rank is done.
     """
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return False
-    from egspo.distributed import is_sharded
-
     return is_sharded(model)
 
 

@@ -250,7 +250,10 @@ class SharedPrefillEngine:
         params: SamplingParams,
         lockstep: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """`[prompts * num_samples, C]` tokens, entropies and log-probs, C the longest completion."""
+        """`[prompts * num_samples, C]` tokens, entropies and log-probs, C the longest completion.
+
+        Long: the decode loop (draw, record, compact finished rows, step the KV slots) is one loop; split, its order of operations, which decides the draws, would be spread over several places.
+        """
         device = input_ids.device
         g, steps = params.num_samples, params.max_new_tokens
         rows = input_ids.shape[0] * g
