@@ -36,14 +36,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import GPU_SHAPES, TINY_QWEN2  # the model shapes of the other benchmarks
+from bench_common import GPU_SHAPES, TINY_QWEN2, cpu_name, package_version  # shared with the other benchmarks
 
 from egspo.rollout import (
     ContinuousBatchingEngine,
@@ -204,23 +203,12 @@ def profile(engines: dict[str, RolloutEngine], model, prompts, params: SamplingP
 
 
 def versions() -> str:
-    def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    return f"Python {platform.python_version()}; torch {version('torch')}, transformers {version('transformers')}"
+    v = package_version
+    return f"Python {platform.python_version()}; torch {v('torch')}, transformers {v('transformers')}"
 
 
 def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
 
 
 def roofline(device: str, t: Timings) -> tuple[float, float] | None:

@@ -30,8 +30,10 @@ import resource
 import subprocess
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import package_version  # shared with the other benchmarks
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,12 +221,6 @@ def table(args: argparse.Namespace, results: list[dict], seconds: float) -> str:
 
 
 def machine(args: argparse.Namespace) -> str:
-    def version(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
     where = f"{os.cpu_count()} cores, {args.threads or 'default'} thread(s) per case"
     if args.device == "cuda":
         import torch
@@ -232,7 +228,8 @@ def machine(args: argparse.Namespace) -> str:
         where = torch.cuda.get_device_name(0)
     return (
         f"{where}, load average {os.getloadavg()[0]:.1f} at the start; Python {platform.python_version()}, "
-        f"torch {version('torch')}, transformers {version('transformers')}; {datetime.date.today().isoformat()}"
+        f"torch {package_version('torch')}, transformers {package_version('transformers')}; "
+        f"{datetime.date.today().isoformat()}"
     )
 
 

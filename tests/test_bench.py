@@ -5,10 +5,15 @@
 - the stop feature written into a saved model makes samples stop at about the asked rate;
 - egspo (both engines) and TRL, run through the workers, sample identical completions, and every
   round reports the figures the tables need;
-- the EGSPO-vs-GRPO case compares the two losses on identical rollouts.
+- the EGSPO-vs-GRPO case compares the two losses on identical rollouts;
+- `scripts/bench.py` keeps its command line, refuses bad options before any work, and rewrites
+  BENCHMARKS.md's sections while keeping the hand-written notes;
+- the few egspo internals the workers hook into (`bench_egspo.py`) still exist.
 """
 
+import dataclasses
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +22,14 @@ import torch
 from tiny_model import tiny_qwen2
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from egspo.rollout import HFGenerateEngine, SamplingParams, SharedPrefillEngine
+from egspo.losses import PPOClipLoss
+from egspo.rollout import HFGenerateEngine, RolloutEngine, SamplingParams, SharedPrefillEngine
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # bench_* import each other
+import bench_common
+import bench_egspo
+import bench_rl
+import bench_sections
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny_qwen2(max_position_embeddings=512)
@@ -88,12 +100,12 @@ def test_own_draws_sample_the_same_distribution_not_the_same_tokens():
     assert not torch.equal(got.input_ids, expected.input_ids)
 
 
-def test_stop_feature_sets_the_stop_rate_and_keeps_other_tokens_odds(bench):
-    model = bench.build_model(bench.QWEN2_QUICK, vocab_size=96, eos=2, pad=0)
+def test_stop_feature_sets_the_stop_rate_and_keeps_other_tokens_odds():
+    model = bench_common.build_model(bench_common.QWEN2_QUICK, vocab_size=96, eos=2, pad=0)
     ids = torch.randint(3, 96, (4, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         before = torch.log_softmax(model(input_ids=ids).logits, -1)
-    measured = bench.add_stop_feature(model, eos=2, stop_prob=0.05)
+    measured = bench_common.add_stop_feature(model, eos=2, stop_prob=0.05)
     assert 0.03 < measured < 0.08
     with torch.no_grad():
         after = torch.log_softmax(model(input_ids=ids).logits, -1)
@@ -103,43 +115,64 @@ def test_stop_feature_sets_the_stop_rate_and_keeps_other_tokens_odds(bench):
     assert float(after[..., 2].exp().mean()) > 3 * float(before[..., 2].exp().mean())
 
 
-def test_completion_rows_cut_at_the_first_stop_token(bench):
+def test_completion_rows_cut_at_the_first_stop_token():
     ids = torch.tensor([[5, 2, 7, 2], [4, 4, 4, 4]])
-    assert bench.completion_rows(ids, [2]) == [[5, 2], [4, 4, 4, 4]]
-    assert bench.digest([[5, 2]]) == bench.digest([[5, 2]]) != bench.digest([[5, 3]])
+    assert bench_common.completion_rows(ids, [2]) == [[5, 2], [4, 4, 4, 4]]
+    assert bench_common.digest([[5, 2]]) == bench_common.digest([[5, 2]]) != bench_common.digest([[5, 3]])
+
+
+@pytest.fixture(scope="module")
+def rl_runs(bench, tmp_path_factory) -> tuple[dict[str, dict], dict]:
+    """egspo's RL worker with each engine on one saved model that stops at about 0.2 per token."""
+    path = tmp_path_factory.mktemp("rl") / "model"
+    bench_common.save_model(bench_common.QWEN2_QUICK, path, stop_prob=0.2)
+    setup = bench_common.RLSetup(max_completion_length=8, prompts_per_step=2, num_generations=4, rounds=1)
+    spec = {"model": str(path), "setup": dataclasses.asdict(setup)}
+    egspo_sides = {name: side for name, side in bench_common.SIDES.items() if name != "trl"}
+    runs = {
+        name: bench.WORKERS[kind]({**spec, "kind": kind, "engine": engine})
+        for name, (_, kind, engine) in egspo_sides.items()
+    }
+    return runs, spec
+
+
+def _assert_round_figures(name: str, run: dict) -> None:
+    (round_,) = run["rounds"]
+    assert {"generation_s", "update_s", "seconds", "tokens", "digest"} <= set(round_), name
+    assert 0 < round_["generation_s"] + round_["update_s"] < round_["seconds"], name
+    # CPU time over wall time of this process: at most its intra-op threads (plus slack).
+    assert 0 < run["cpu_share"] <= torch.get_num_threads() + 0.5, name
 
 
 @pytest.mark.slow
-def test_rl_workers_sample_identical_completions_and_report_every_figure(bench, tmp_path):
-    pytest.importorskip("trl")
-    case = bench.RLCase("test", bench.QWEN2_QUICK, 8)
-    bench.save_model(case.shape, tmp_path / "model", stop_prob=0.2)
-    setup = bench.RLSetup(max_completion_length=8, prompts_per_step=2, num_generations=4, rounds=1)
-    spec = {"model": str(tmp_path / "model"), "setup": bench.asdict(setup)}
-    runs = {
-        name: bench.WORKERS[kind]({**spec, "kind": kind, "engine": engine})
-        for name, (_, kind, engine) in bench.SIDES.items()
-    }
+def test_egspo_rl_workers_sample_identical_completions_with_both_engines(rl_runs):
+    runs, _ = rl_runs
     for name, run in runs.items():
-        (round_,) = run["rounds"]
-        assert {"generation_s", "update_s", "seconds", "tokens", "digest"} <= set(round_), name
-        assert 0 < round_["generation_s"] + round_["update_s"] < round_["seconds"], name
-        # CPU time over wall time of this process: at most its intra-op threads (plus slack).
-        assert 0 < run["cpu_share"] <= torch.get_num_threads() + 0.5, name
-    for name in ("egspo", "egspo-hf"):
-        identical, counts_agree, _ = bench.same_tokens(runs[name], runs["trl"])
-        assert identical and counts_agree, name
-    tokens = runs["trl"]["rounds"][0]["tokens"]
-    assert tokens < 2 * 4 * 8, "the stop feature should end some samples early"
+        _assert_round_figures(name, run)
+    identical, counts_agree, _ = bench_rl.same_tokens(runs["egspo"], runs["egspo-hf"])
+    assert identical and counts_agree
+    assert runs["egspo-hf"]["rounds"][0]["tokens"] < 2 * 4 * 8, "the stop feature should end some samples"
     # The MFU arithmetic, as the GPU row does it (a made-up device name with a known peak).
-    shape = {**case.shape, "vocab_size": 443}
-    mfu = bench.update_mfu({**runs["egspo"], "device_name": "H100"}, shape)
+    shape = {**bench_common.QWEN2_QUICK, "vocab_size": 443}
+    mfu = bench_sections.update_mfu({**runs["egspo"], "device_name": "H100"}, shape)
     assert mfu is not None and 0 < mfu < 1e-3
 
 
 @pytest.mark.slow
-def test_overhead_case_alternates_losses_on_identical_rollouts(bench):
-    out = bench.worker_overhead(
+def test_trl_rl_worker_samples_the_completions_egspo_samples(bench, rl_runs):
+    pytest.importorskip("trl")
+    runs, spec = rl_runs
+    _, kind, engine = bench_common.SIDES["trl"]
+    trl = bench.WORKERS[kind]({**spec, "kind": kind, "engine": engine})
+    _assert_round_figures("trl", trl)
+    for name, run in runs.items():
+        identical, counts_agree, _ = bench_rl.same_tokens(run, trl)
+        assert identical and counts_agree, name
+
+
+@pytest.mark.slow
+def test_overhead_case_alternates_losses_on_identical_rollouts():
+    out = bench_egspo.worker_overhead(
         {"pairs": 2, "prompts_per_step": 2, "max_completion_length": 6, "micro_repeats": 2, "config": TINY}
     )
     # Same weights, prompts and seed every iteration: only the loss differs between the two sides.
@@ -163,3 +196,90 @@ def test_generation_benchmark_counts_the_bytes_decoding_must_read():
     # Steps read the weights once each (4 steps) and, per row, the cache at each of its steps.
     cached = (2 + 3) + 2 + (3 + 4 + 5 + 6) + 3
     assert gen.decode_bytes(model, mask, lengths, samples=2) == 4 * weights + cached * kv_per_token
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--rows=fused,bogus", "unknown rows: ['bogus']"),
+        ("--rl-cases=h256-L4-64,huge", "unknown RL sizes: ['huge']"),
+        ("--lengths=varied,short", "unknown lengths: ['short']"),
+    ],
+)
+def test_bench_refuses_a_bad_option_in_one_line_before_any_work(option, message):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), option, "--output", "/nonexistent/out.md"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(f"error: {message}")
+    assert done.stdout == "" and "row " not in done.stderr
+
+
+def test_bench_help_lists_every_option_of_the_documented_command_lines():
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert done.returncode == 0
+    for option in ("--quick", "--device", "--rows", "--repeats", "--rounds", "--rl-cases", "--lengths"):
+        assert option in done.stdout
+    for option in ("--max-load", "--fused-quick", "--threads", "--output", "--replace-all"):
+        assert option in done.stdout
+
+
+def test_every_worker_a_row_runs_is_dispatched(bench):
+    kinds = {kind for _, kind, _ in bench_common.SIDES.values()} | {"egspo_sft", "trl_sft", "overhead"}
+    assert set(bench.WORKERS) == kinds
+
+
+def test_write_output_replaces_its_sections_and_keeps_the_others_and_the_notes(bench, tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    notes = f"{bench.NOTES_MARKER}\n\nA hand-written profile.\n"
+    path.write_text(
+        "# Benchmarks\n\nLast produced by `old`.\n\n## 1. Fused: old table\n\nfused rows\n\n"
+        f"## 3. RL throughput: egspo vs TRL\n\nold RL rows\n\n{notes}"
+    )
+    new_rl = "## 3. RL throughput: egspo vs TRL GRPOTrainer\n\nnew RL rows"
+    gpu = "## 5. GPU: new\n\ngpu rows"
+    bench.write_output(path, "# Benchmarks\n\nLast produced by `new`.", [new_rl, gpu])
+    text = path.read_text()
+    assert text.startswith("# Benchmarks\n\nLast produced by `new`.\n\n## 1. Fused: old table\n\nfused rows")
+    assert "old RL rows" not in text
+    assert text.index("fused rows") < text.index("new RL rows") < text.index("gpu rows")
+    assert text.endswith("gpu rows\n\n" + notes)
+    bench.write_output(path, "# Benchmarks", [gpu], keep_others=False)  # --replace-all
+    assert path.read_text() == f"# Benchmarks\n\n{gpu}\n\n{notes}"
+
+
+def test_the_egspo_internals_the_workers_hook_into_still_exist(tmp_path):
+    """`bench_egspo.py`'s "egspo internals" section against src/egspo: where a rename shows first."""
+    sft, rl = bench_egspo.egspo_batches("sft", 2, 3), bench_egspo.egspo_batches("rl", 2, 3)
+    assert [len(b["expert_prompts"]) for b in sft] == [3, 3] == [len(b["expert_responses"]) for b in sft]
+    assert [len(b["prompts"]) for b in rl] == [3, 3] == [len(b["answers"]) for b in rl]
+    assert sft[0]["expert_prompts"] != sft[1]["expert_prompts"]
+    cli = bench_egspo.egspo_cli(
+        bench_egspo.egspo_args(str(tmp_path), "cpu", "--model.sft_iterations=1", "--model.rl_iterations=1")
+    )
+    module, seen = cli.model, {}
+    bench_egspo.wrap_engine(module, lambda engine: seen.setdefault("engine", engine))
+    bench_egspo.wrap_rl_update(module, lambda update: seen.setdefault("update", update))
+    assert isinstance(seen["engine"], RolloutEngine) and callable(seen["update"])
+    loss = PPOClipLoss()
+    bench_egspo.set_policy_loss(module, loss)
+    assert module.policy_loss is loss
+    one = bench_egspo.demonstration_tokens(
+        module,
+        {
+            **sft[0],
+            "expert_prompts": sft[0]["expert_prompts"][:1],
+            "expert_responses": sft[0]["expert_responses"][:1],
+        },
+    )
+    assert 0 < one < bench_egspo.demonstration_tokens(module, sft[0])

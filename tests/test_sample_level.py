@@ -108,6 +108,13 @@ def test_soft_overlong_punishment_hand_values():
     torch.testing.assert_close(overlong_penalty(lengths, 32, 16, factor=0.5), penalty * 0.5)
 
 
+@pytest.mark.parametrize("factor", [0.5, 1.0, 2.0])
+def test_soft_overlong_punishment_is_floored_at_minus_factor_beyond_the_limit(factor):
+    """DAPO's formula is -factor from the limit on: longer never costs more (-1.2 at Lmax + 1 before)."""
+    lengths = torch.tensor([33, 40, 64, 128])
+    torch.testing.assert_close(overlong_penalty(lengths, 32, 16, factor), torch.full((4,), -factor))
+
+
 def test_soft_overlong_punishment_enters_the_reward_and_the_advantages(policy, tiny_tokenizer):
     builder = _builder(policy, tiny_tokenizer, overlong_buffer_len=4, overlong_penalty_factor=1.0)
     torch.manual_seed(3)

@@ -78,7 +78,7 @@ class ExperienceBuilder:
         self.encoder = encoder
         self.reward = reward
         self.config = config
-        self.update = update
+        self.update_config = update
         self.pad_token_id = pad_token_id
         self.methods = list(methods)
         self.reference = reference
@@ -108,7 +108,9 @@ class ExperienceBuilder:
         them (UEC-RL's replay buffer). With a single step the rollout policy is the current one and
         the update uses its own log-probs, detached (ratio exactly 1).
         """
-        several_steps = self.update.ppo_epochs > 1 or (self.update.mini_batch_size or rows) < rows
+        several_steps = (
+            self.update_config.ppo_epochs > 1 or (self.update_config.mini_batch_size or rows) < rows
+        )
         return several_steps or any(m.needs_behaviour_logprobs for m in self.methods)
 
     @torch.no_grad()
@@ -246,7 +248,7 @@ class ExperienceBuilder:
         at the temperature it was sampled at."""
         score = partial(
             score_rollout, policy, old=self.needs_old_logprobs(len(groups)), reference=self.reference,
-            chunk_size=self.update.logprob_chunk_size,
+            chunk_size=self.update_config.logprob_chunk_size,
         )  # fmt: skip
         rollout, temperatures = groups.rollout, groups.temperature
         if temperatures is None or len(temperatures.unique()) == 1:

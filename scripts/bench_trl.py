@@ -1,0 +1,178 @@
+"""TRL's side of the benchmarks: `GRPOTrainer` (row 3) and `SFTTrainer` (row 4) on the same saved
+model, data order and sampling as egspo's side (`bench_egspo.py`), one measurement per fresh
+process (`bench.py --_worker`), every round logged into the same `RoundLog` from the same places.
+
+Needs `pip install -e ".[bench]"` (trl); imported lazily, so the rest of the harness runs without it.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+
+from bench_common import RLSetup, RoundLog, SFTSetup, completion_rows, peak_rss_mb, token_rows
+from bench_egspo import egspo_batches
+
+
+def trl_common(setup_rounds: int, learning_rate: float) -> dict:
+    """`TrainingArguments` both TRL trainers share: fp32 on CPU, nothing but training."""
+    import torch
+
+    return {
+        "output_dir": tempfile.mkdtemp(),
+        "gradient_accumulation_steps": 1,
+        "gradient_checkpointing": False,  # TRL's GRPO default is True; egspo does not checkpoint
+        "learning_rate": learning_rate,
+        "lr_scheduler_type": "constant",
+        "weight_decay": 0.0,
+        "optim": "adamw_torch",
+        "max_grad_norm": 1.0,
+        "max_steps": setup_rounds,
+        "use_cpu": True,
+        "bf16": False,
+        "fp16": False,
+        "report_to": "none",
+        "logging_strategy": "no",
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "model_init_kwargs": {"dtype": torch.float32, "attn_implementation": "sdpa"},
+    }
+
+
+def trl_callback(on_optimizer_step: Callable[[], None], on_step_end: Callable[[], None]):
+    from transformers import TrainerCallback
+
+    class Stamps(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            on_optimizer_step()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            on_step_end()
+
+    return Stamps()
+
+
+def worker_trl_grpo(spec: dict) -> dict:
+    """TRL's GRPOTrainer on the same model, prompts and sampling, every round logged like egspo's."""
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from egspo.data import synthetic_tokenizer
+    from egspo.rewards import MathReward
+
+    setup = RLSetup(**spec["setup"])
+    steps = setup.warmup + setup.rounds
+    rows = [
+        {"prompt": [{"role": "user", "content": q}], "answer": a}
+        for b in egspo_batches("rl", steps, setup.prompts_per_step)
+        for q, a in zip(b["prompts"], b["answers"], strict=True)
+    ]
+    reward = MathReward()
+
+    def math_reward(completions, answer, **kwargs) -> list[float]:
+        texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+        return reward(texts, answer).rewards.tolist()
+
+    n = setup.prompts_per_step * setup.num_generations
+    config = GRPOConfig(
+        **trl_common(steps, setup.learning_rate),
+        per_device_train_batch_size=n,
+        steps_per_generation=1,
+        num_generations=setup.num_generations,
+        num_iterations=1,
+        max_completion_length=setup.max_completion_length,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        beta=0.0,
+        epsilon=0.2,
+        epsilon_high=0.2,
+        loss_type="dapo",  # token-mean over the batch, as egspo's token-mean
+        scale_rewards="group",
+        shuffle_dataset=False,
+        log_completions=False,
+    )
+    tokenizer = synthetic_tokenizer()
+    tokenizer.padding_side = "left"
+    log = RoundLog(setup.warmup)
+    trainer = GRPOTrainer(
+        model=spec["model"],
+        reward_funcs=math_reward,
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+    model, stops = trainer.model, [tokenizer.eos_token_id]
+    generate = model.generate
+
+    def logged_generate(*args, **kwargs):
+        log.before_generation()
+        out = generate(*args, **kwargs)
+        end = time.perf_counter()
+        ids, mask = kwargs["input_ids"], kwargs["attention_mask"]
+        log.after_generation(end, token_rows(ids, mask), completion_rows(out[:, ids.shape[1] :], stops))
+        return out
+
+    model.generate = logged_generate  # TRL samples through the unwrapped model's `generate`
+    prepare = trainer._prepare_inputs
+
+    def prepare_then_mark(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        log.update_from = time.perf_counter()  # experience ready: the update starts
+        return out
+
+    trainer._prepare_inputs = prepare_then_mark
+    trainer.add_callback(
+        trl_callback(lambda: log.add_update(time.perf_counter() - log.update_from), log.round_end)
+    )
+    trainer.train()
+    return log.result()
+
+
+def worker_trl_sft(spec: dict) -> dict:
+    """TRL's SFTTrainer on the saved model and the same demonstrations in the same order."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from egspo.data import format_prompt, synthetic_tokenizer
+
+    setup = SFTSetup(**spec["setup"])
+    steps = setup.warmup + setup.rounds
+    tokenizer = synthetic_tokenizer()
+    rows = [
+        {"prompt": format_prompt(tokenizer, q, instruction=None), "completion": r}
+        for b in egspo_batches("sft", steps, setup.batch_size)
+        for q, r in zip(b["expert_prompts"], b["expert_responses"], strict=True)
+    ]
+    config = SFTConfig(
+        **trl_common(steps, setup.learning_rate),
+        per_device_train_batch_size=setup.batch_size,
+        max_length=setup.max_length,
+        packing=False,
+        padding_free=False,
+        completion_only_loss=True,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+    )
+    log = RoundLog(setup.warmup)
+    trainer = SFTTrainer(
+        model=spec["model"],
+        args=config,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[trl_callback(lambda: None, log.round_end)],
+    )
+    trainer.train()
+    # Tokens of the timed steps: the tokenized examples TRL trained on, without padding.
+    data = trainer.train_dataset
+    tokens = sum(
+        len(data[i]["input_ids"]) for i in range(setup.warmup * setup.batch_size, steps * setup.batch_size)
+    )
+    wall = log.ends[-1][0] - log.ends[setup.warmup - 1][0]
+    return {"seconds": wall, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
+
+
+WORKERS = {"trl_grpo": worker_trl_grpo, "trl_sft": worker_trl_sft}
