@@ -13,16 +13,21 @@ from egspo.rewards.extraction import (
     after_hash_marker,
     canonical_number,
     canonical_text,
+    exact_number,
     extract_answer,
     has_final_marker,
+    has_spaced_digits,
     last_boxed,
     last_number,
+    letter_case_differs,
+    split_answer,
 )
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # Text built from the pieces extraction looks for.
-TOKENS = [*"0123456789 .,-+/^{}()\\$#:=\n", "\\boxed{", "\\frac", "####", "answer is", "x"]
+TOKENS = [*"0123456789 .,-+/^{}()\\$#:=\n~", "\\boxed{", "\\frac", "####", "answer is", "x", "X"]
+TOKENS += ["\\text{", " cm", " feet", " thousand", "\\%", "^\\circ", "\\overline{", "\\,", "\\ ", "\\fbox{"]
 MATHY = st.lists(st.sampled_from(TOKENS), max_size=120).map("".join)
 
 
@@ -39,6 +44,41 @@ def test_extraction_is_total_and_returns_substrings_or_none(text):
     assert isinstance(canonical_text(text), str)
     number = canonical_number(text)
     assert number is None or (isinstance(number[0], str) and isinstance(number[1], bool))
+    parts = split_answer(text)
+    assert isinstance(parts.core, str) and isinstance(parts.words, str)
+    assert parts.unit is None or isinstance(parts.unit, str)
+    if parts.words:  # a word that is not a unit: never a plain number
+        assert exact_number(text) is None
+    assert isinstance(has_spaced_digits(text), bool) and isinstance(letter_case_differs(text, "x"), bool)
+
+
+PLAIN = st.text(alphabet="0123456789+-x ", min_size=1, max_size=12).filter(lambda t: t.strip())
+
+
+@FAST
+@given(before=PLAIN, inner=PLAIN, after=PLAIN, earlier=PLAIN, depth=st.integers(1, 3))
+def test_the_outermost_last_box_is_read_whole(before, inner, after, earlier, depth):
+    nested = inner
+    for _ in range(depth):
+        nested = rf"\boxed{{{nested}}}"
+    text = rf"\boxed{{{earlier}}} then \boxed{{{before} {nested} {after}}} end"
+    expected = f"{before} {'{' * depth}{inner}{'}' * depth} {after}".strip()
+    assert last_boxed(text) == expected
+    assert extract_answer(text) == (expected, "boxed")
+    # cut off anywhere inside the outer box: no answer, never the inner box or an earlier one
+    cut = text[: text.rindex("end") - 2]
+    assert last_boxed(cut) is None
+
+
+@FAST
+@given(digits=st.text(alphabet="0123456789", min_size=2, max_size=9), data=st.data())
+def test_digits_split_by_spaces_are_not_one_number(digits, data):
+    cut = data.draw(st.integers(1, len(digits) - 1))
+    gap = data.draw(st.sampled_from([" ", "\\ ", "~", "\\;", "  "]))
+    split = digits[:cut] + gap + digits[cut:]
+    assert has_spaced_digits(split)
+    assert exact_number(split) is None and canonical_number(split) is None
+    assert canonical_text(split) != canonical_text(digits)
 
 
 def _losses():

@@ -11,10 +11,14 @@ from egspo.rewards import FormatReward, MathReward, RewardFunction, RewardOutput
 from egspo.rewards.extraction import (
     after_hash_marker,
     canonical_number,
+    canonical_text,
+    exact_number,
     extract_answer,
     has_final_marker,
+    has_spaced_digits,
     last_boxed,
     last_number,
+    split_answer,
 )
 
 
@@ -177,10 +181,11 @@ def test_adversarial_completion_scores_zero_in_bounded_time(reward, name):
 
 def test_deep_nesting_without_length_cap_is_bounded():
     # 3000 nested braces take math-verify's parser many seconds; the deadline cuts it short.
+    # (Braces around the whole answer are unwrapped first, so the nest is one term of a sum.)
     reward = MathReward(timeout_seconds=1.0, num_workers=1, max_answer_chars=10**6)
     try:
         start = time.perf_counter()
-        out = reward(["\\boxed{" + "{" * 3000 + "1" + "}" * 3000 + "}"], ["1"])
+        out = reward(["\\boxed{" + "{" * 3000 + "1" + "}" * 3000 + " + 1}"], ["2"])
         seconds = time.perf_counter() - start
     finally:
         reward.close()
@@ -193,6 +198,25 @@ def test_huge_exponent_is_counted_as_timeout(reward):
     out = reward([r"\boxed{9^{9^{9^{9}}}}", r"\boxed{5}"], ["7", "5"])
     assert out.rewards.tolist() == [0.0, 1.0]
     assert out.metrics["reward/verify_timeouts"] == 1
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "5" + "\\," * 100_000,
+        "5" + "~" * 200_000,
+        "5" + "." * 200_000,
+        "1 " + "a" * 200_000,
+        "\\text{" * 30_000,
+    ],
+    ids=["spacing-commands", "tildes", "periods", "letters", "open-text-commands"],
+)
+def test_answer_reading_is_linear_on_long_answers(text):
+    # maj@k keys read answers of any length (the reward caps them at max_answer_chars first)
+    start = time.perf_counter()
+    for fn in (split_answer, exact_number, has_spaced_digits, canonical_text):
+        fn(text)
+    assert time.perf_counter() - start < 3.0
 
 
 def test_long_completion_keeps_its_final_answer(reward):

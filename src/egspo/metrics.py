@@ -20,9 +20,6 @@ from torchmetrics import Metric, MetricCollection
 
 from egspo.rewards.extraction import canonical_number, canonical_text, extract_answer
 
-# Answers are read from the end of a completion, as the reward does.
-_MAX_ANSWER_TAIL = 8192
-
 
 def pass_at_k(correct_counts: Tensor, n: int, k: int) -> Tensor:
     """Unbiased pass@k per prompt (Chen et al., 2021) from ``c`` correct out of ``n`` samples.
@@ -49,7 +46,7 @@ def answer_key(completion: str, number_fallback: bool = False) -> str | None:
     ``1000.0``, ``1/2`` = ``\\frac{1}{2}``); anything else by its canonical text. None when
     there is no answer.
     """
-    answer, _ = extract_answer(completion[-_MAX_ANSWER_TAIL:], number_fallback)
+    answer, _ = extract_answer(completion, number_fallback)  # whole text, as the reward reads it
     if answer is None:
         return None
     number = canonical_number(answer)

@@ -9,10 +9,15 @@ It is a standalone script, not a package import, so the child starts without tor
 The answer policy (documented on ``MathReward``) lives in ``analyse`` and ``matches``:
 math-verify parses and compares; this file only refuses what math-verify would get wrong.
 
-- A parse is *lossy* when it dropped meaning: math-verify's unit stripping removed more than
-  a unit (``1-5\\mathrm{i}`` -> ``1-5``, ``5\\text{ cm}, 6\\text{ cm}`` -> ``5``), a relation
-  sign vanished, letters vanished, or two letters differing only in case (``N = n``) became
-  one symbol (latex2sympy lower-cases symbols). Unit stripping is retried off before giving up.
+- Units are never stripped here (math-verify's list drops "more", "less", "profit"...): the
+  reward splits off the known units before it sends an answer, and words that are not units
+  never reach this file as anything but text. A parse is *lossy* when it dropped meaning: a
+  relation sign vanished, letters vanished, or two letters differing only in case (``N = n``)
+  became one symbol (latex2sympy lower-cases symbols).
+- Lists (top-level commas, semicolons, "and"/"or", a whole-answer set literal) are matched
+  item by item as multisets: ``5, 5`` is not ``5``, ``5, 5, 6`` is not ``5, 6, 6``; a
+  ``\\pm`` item counts as its two values; a bare value answers an ``x = 1`` item only in its
+  place.
 - Decimals are made exact rationals before comparing, so ``0.3333333 != 1/3``; a relative
   tolerance ``rel_tol`` (argv) optionally accepts rounded scalar answers. Expressions that
   sympy cannot simplify into each other are compared numerically to 60 significant digits.
@@ -49,11 +54,14 @@ _UPRIGHT_CONSTANT_RE = re.compile(r"\\(?:mathrm|text|mathit|operatorname)\s*\{\s
 # ``52_8``: a number in another base; latex2sympy keeps the digits and drops the base.
 _BASE_SUBSCRIPT_RE = re.compile(r"\d+\s*_\s*\{?\s*\d+\}?")
 _RELATION_RE = re.compile(r"=|<|>|\\(?:le|ge|leq|geq|leqslant|geqslant|neq|ne|lt|gt|not)(?![A-Za-z])")
-# What math-verify's unit stripping may drop without changing the answer: ``\text{ cm}^2``
-# (a word of two letters or more in a text command) or a bare unit word of three letters or
-# more (``feet``); bare one- or two-letter "units" (``c``, ``ab``) are variables as often.
-_TEXT_UNIT_RE = re.compile(r"\s*\\(?:text|mbox)\s*\{\s*([A-Za-z][A-Za-z .]*)\}\s*(?:\^\d|\{\^\d\})?")
-_BARE_UNIT_RE = re.compile(r"\s*([A-Za-z]{3,})")
+# Words that separate the items of a list (math-verify reads them as commas), and a whole
+# answer written as a set literal: its items are the list.
+_SEPARATOR_WORD_RE = re.compile(r"\\text\s*\{\s*(?:and|or)\s*\}|(?<![A-Za-z\\])(?:and|or)(?![A-Za-z])")
+_SET_LITERAL_RE = re.compile(r"\s*(?:\\left)?\\\{(.*?)(?:\\right)?\\\}\s*", re.S)
+_LIST_TOKEN_RE = re.compile(r"\\begin\s*\{[^{}]*\}|\\end\s*\{[^{}]*\}|\\[{}]|[,;()\[\]{}]")
+_PLUS_MINUS_RE = re.compile(r"\\(?:pm|mp)(?![A-Za-z])")
+# Items beyond this many are not matched one by one (quadratic in the items): no match.
+_MAX_ITEMS = 64
 # Significant digits of math-verify's numeric last resort (its default, 15, lets an answer
 # off by 1e-20 pass).
 _NUMERIC_DIGITS = 60
@@ -71,21 +79,36 @@ def _on_alarm(signum, frame):
         raise _SoftTimeout
 
 
-def _is_unit_suffix(dropped: str) -> bool:
-    """True when ``dropped`` (what unit stripping removed) is only unit words."""
-    pos = 0
-    while pos < len(dropped):
-        if not dropped[pos:].strip():
-            return True
-        match = _TEXT_UNIT_RE.match(dropped, pos)
-        if match and sum(ch.isalpha() for ch in match.group(1)) >= 2:
-            pos = match.end()
-            continue
-        match = _BARE_UNIT_RE.match(dropped, pos)
-        if not match:
-            return False
-        pos = match.end()
-    return True
+def _split_top(text: str) -> list[str] | None:
+    """Pieces of ``text`` between commas and semicolons outside brackets, or None when its
+    brackets do not balance (then it is one item)."""
+    items, depth, start = [], 0, 0
+    for match in _LIST_TOKEN_RE.finditer(text):
+        token = match.group(0)
+        if token[0] in "([{" or token.startswith(("\\begin", "\\{")):
+            depth += 1
+        elif token[0] in ")]}" or token.startswith(("\\end", "\\}")):
+            depth -= 1
+            if depth < 0:
+                return None
+        elif depth == 0:
+            items.append(text[start : match.start()])
+            start = match.end()
+    if depth != 0:
+        return None
+    return [*items, text[start:]]
+
+
+def list_items(text: str) -> list[str]:
+    """The items of an answer read as a list: top-level commas, semicolons, "and"/"or", and
+    the elements of a whole-answer set literal ``\\{1, 2\\}``. One item for anything else
+    (a tuple ``(1, 2)`` or an interval is one item, compared in order by math-verify)."""
+    text = _SEPARATOR_WORD_RE.sub(",", text)
+    literal = _SET_LITERAL_RE.fullmatch(text)
+    if literal and _split_top(literal.group(1)) is not None:
+        text = literal.group(1)
+    items = _split_top(text)
+    return [item.strip() for item in items] if items is not None else [text.strip()]
 
 
 def main() -> None:
@@ -98,10 +121,9 @@ def main() -> None:
         from functools import lru_cache
 
         logging.disable(logging.CRITICAL)
-        from latex2sympy2_extended.latex2sympy2 import normalize_latex
         from math_verify import LatexExtractionConfig, parse, verify
         from math_verify.grader import is_assignment_relation, is_relation, take_last_relation
-        from sympy import E, Float, I, Rational, Set, exp
+        from sympy import E, FiniteSet, Float, I, Rational, Set, exp
         from sympy.core.function import AppliedUndef
         from sympy.core.relational import Relational
         from sympy.logic.boolalg import Boolean
@@ -111,11 +133,10 @@ def main() -> None:
         return
 
     # The answer is already extracted: parse it as LaTeX only (no search for numbers in the
-    # text, no string fallback), first with math-verify's unit stripping, then without.
-    with_units = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)
-    without_units = replace(
-        with_units, normalization_config=replace(with_units.normalization_config, units=False)
-    )
+    # text, no string fallback) and never strip units: the reward splits off the known units
+    # before (math-verify's own list drops words such as "more", "less", "profit").
+    config = LatexExtractionConfig(boxed_match_priority=0, try_extract_without_anchor=False)
+    config = replace(config, normalization_config=replace(config.normalization_config, units=False))
 
     def letters_of(expr) -> set[str]:
         """Lower-case letters the parsed expression still carries (symbols, functions, e, i)."""
@@ -167,14 +188,7 @@ def main() -> None:
     def analyse(text: str):
         """``(exact expr or None, "ok" | "lossy" | "unparsable", reason)`` for one answer."""
         text = _UPRIGHT_CONSTANT_RE.sub(r"\1", text)
-        expr, normalized = parse_one(text, with_units)
-        raw = normalize_latex("\\boxed{" + text + "}", without_units.normalization_config)
-        dropped = raw[len(normalized) :] if raw.startswith(normalized) else raw
-        if normalized != raw and not _is_unit_suffix(dropped):  # more than a unit went: retry
-            retry, retry_normalized = parse_one(text, without_units)
-            if retry is None and expr is not None:
-                return exact(expr), "lossy", f"unit stripping dropped {dropped!r}"
-            expr, normalized = retry, retry_normalized
+        expr, normalized = parse_one(text, config)
         if expr is None:
             return None, "unparsable", "math-verify cannot parse it"
         reason = lossy_reason(normalized, expr)
@@ -218,6 +232,52 @@ def main() -> None:
             return True
         return rel_tol > 0 and within(gold, pred)
 
+    def values(items: list[str]):
+        """Parsed values of list items, a ``\\pm`` item giving both of its values; None when
+        an item does not parse in full."""
+        out = []
+        for item in items:
+            expr, status, _ = analyse(item)
+            if status != "ok":
+                return None
+            if _PLUS_MINUS_RE.search(item) and isinstance(expr, FiniteSet):
+                out += list(expr.args)
+            else:
+                out.append(expr)
+        return out
+
+    def lists_match(gold_text: str, pred_text: str) -> bool | None:
+        """Item-by-item match of two answers read as lists (a multiset: ``5, 5`` is not ``5``
+        and ``5, 5, 6`` is not ``5, 6, 6``); None when both are single items without
+        ``\\pm`` (compared whole). A bare value answers a gold ``x = 1`` item only in its place."""
+        gold_items, pred_items = list_items(gold_text), list_items(pred_text)
+        if len(gold_items) == len(pred_items) == 1 and not (
+            _PLUS_MINUS_RE.search(gold_text) or _PLUS_MINUS_RE.search(pred_text)
+        ):
+            return None
+        if max(len(gold_items), len(pred_items)) > _MAX_ITEMS:
+            return False
+        golds, preds = values(gold_items), values(pred_items)
+        if golds is None or preds is None or len(golds) != len(preds):
+            return False
+        partner: dict[int, int] = {}  # pred index -> gold index
+
+        def allowed(g: int, p: int) -> bool:
+            if is_relation(golds[g]) and not is_relation(preds[p]) and g != p:
+                return False
+            return matches(golds[g], preds[p])
+
+        def assign(g: int, seen: set[int]) -> bool:  # augmenting path (bipartite matching)
+            for p in range(len(preds)):
+                if p not in seen and allowed(g, p):
+                    seen.add(p)
+                    if p not in partner or assign(partner[p], seen):
+                        partner[p] = g
+                        return True
+            return False
+
+        return all(assign(g, set()) for g in range(len(golds)))
+
     signal.signal(signal.SIGALRM, _on_alarm)
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
@@ -231,7 +291,9 @@ def main() -> None:
             if reply["gold"] == "ok" and request["pred"] is not None:
                 pred, pred_status, _ = analyse(request["pred"])
                 reply["pred_parsed"] = pred_status == "ok"
-                reply["correct"] = reply["pred_parsed"] and matches(gold, pred)
+                if reply["pred_parsed"]:
+                    as_lists = lists_match(request["gold"], request["pred"])
+                    reply["correct"] = matches(gold, pred) if as_lists is None else as_lists
         except _SoftTimeout:
             reply["status"] = "timeout"
         except Exception:

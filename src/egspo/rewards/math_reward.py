@@ -10,7 +10,18 @@ from typing import Literal
 import torch
 
 from egspo.rewards.base import RewardFunction, RewardOutput
-from egspo.rewards.extraction import canonical_text, exact_number, extract_answer, has_final_marker
+from egspo.rewards.extraction import (
+    MAX_COMPLETION_CHARS,
+    AnswerParts,
+    canonical_text,
+    exact_number,
+    extract_answer,
+    has_final_marker,
+    has_spaced_digits,
+    letter_case_differs,
+    repeating_to_fraction,
+    split_answer,
+)
 from egspo.rewards.verifier import GoldStatus, VerifierPool, VerifyResult
 
 
@@ -20,6 +31,29 @@ def _as_latex(value: Fraction | str) -> str:
         return str(value)
     sign = "-" if value < 0 else ""
     return f"{sign}\\frac{{{abs(value.numerator)}}}{{{value.denominator}}}"
+
+
+@dataclass(frozen=True)
+class _Gold:
+    """A gold answer as the reward reads it: its unit split, its exact value when it is a
+    plain number, why it is lossy when that is decided here, and the text the workers get."""
+
+    parts: AnswerParts
+    value: Fraction | str | None
+    lossy_reason: str
+    worker_text: str
+
+    @classmethod
+    def read(cls, gold: str) -> _Gold:
+        parts = split_answer(gold)
+        reason = ""
+        if parts.words:
+            reason = f"words other than a final unit: {parts.words!r}"
+        elif has_spaced_digits(gold):
+            reason = "digits separated by a space"
+        value = None if reason else exact_number(gold)
+        worker_text = _as_latex(value) if value is not None else repeating_to_fraction(parts.core)
+        return cls(parts, value, reason, worker_text)
 
 
 # How a worker result decides a sample: "verify" a (prediction, gold) pair; "text": the
@@ -55,43 +89,69 @@ class MathReward(RewardFunction):
     ``correct`` is 1 only when the completion's final answer equals the gold answer. The
     policy, chosen so that a wrong answer is never paid:
 
-    - **Final answer.** The content of the last ``\\boxed{}`` (or ``\\fbox{}``); in a
-      completion without any box command, the text after the last ``####`` on its line
-      (GSM8K). If the last box is empty or broken (cut off before its closing brace), there
-      is no answer: earlier boxes and numbers are never consulted. The last-number fallback
-      is off unless ``number_fallback=True``, and even then it applies only to completions
-      without any marker, and only to a number that stands alone (never the ``10`` of
-      ``2^{10}``).
-    - **Numbers** (integers, decimals, ``a/b``, ``\\frac{a}{b}``, ``4.5e33``,
-      ``4.5\\times10^{33}``, optionally in ``\\text{}``; ``\\%`` and ``^\\circ`` are units and
-      dropped, so ``-4\\%`` answers ``-4``; ``1, 234`` is a list, ``1,234`` is 1234) are
-      compared exactly: ``0.5`` equals ``1/2``, ``0.3333333`` is not ``1/3`` and
-      ``3.1415927`` is not ``\\pi``. ``rel_tol > 0`` accepts ``|pred - gold| <= rel_tol *
+    - **Final answer.** The whole content of the outermost last ``\\boxed{}`` (or ``\\fbox{}``):
+      a box inside it is part of the answer (``\\boxed{7 \\cdot \\boxed{5}}`` answers 35, not
+      5). In a completion without any box command, the text after the last ``####`` on its
+      line (GSM8K). If the last box is empty or broken (cut off before its closing brace),
+      there is no answer: earlier boxes and numbers are never consulted. The last-number
+      fallback is off unless ``number_fallback=True``, and even then it applies only to
+      completions without any marker, and only to a number that stands alone (never the
+      ``10`` of ``2^{10}``). The whole completion is read (extraction is linear); one longer
+      than ``max_completion_chars`` has no answer and no format bonus, counted in
+      ``reward/too_long_completions``: no window decides which marker is the last.
+    - **Units and words.** Only known unit words (``extraction._UNIT_SPELLINGS``: lengths,
+      areas, volumes, times, masses, money, speeds, ``\\%``, degrees) are units, at the end of
+      the answer: in a text command (``5\\text{ cm}^2``), as a symbol (``\\%``, ``^\\circ``,
+      a leading ``\\$``), or bare when unambiguous (``5 feet``; a bare ``cm`` is a product of
+      variables). A unit is dropped only when the gold has none; a gold with a unit is
+      answered by the bare value; when both have units, the units must be the same unit
+      (spellings agree: ``min`` = ``minutes``, ``square feet`` = ``ft^2``; no conversion,
+      ``300 s`` is not ``5 min``). Any other word (``5\\text{ thousand}``, ``x+1\\text{
+      squared}``, ``\\text{5 apples}``, ``5\\text{ more}``) makes the answer equal to no bare
+      number or expression (``reward/unit_or_word_mismatches``); a gold with such a word is
+      "lossy". math-verify's own unit stripping is off. A unit is read at the end of the
+      whole answer only: in ``5\\text{ cm}, 6\\text{ cm}`` the first ``cm`` is a word (a
+      documented false negative against ``5, 6``).
+    - **Numbers** (integers, decimals, repeating decimals ``0.\\overline{3}``, ``a/b``,
+      ``\\frac{a}{b}``, ``4.5e33``, ``4.5\\times10^{33}``, optionally in ``\\text{}``) are compared
+      exactly: ``0.5`` equals ``1/2``, ``0.\\overline{3}`` equals ``1/3``, ``1e70`` equals its
+      71-digit literal, but ``0.3333333`` is not ``1/3`` and ``3.1415927`` is not ``\\pi``.
+      Thousands separators are a comma or a thin space between groups of three digits
+      (``1,234``, ``1\\,234``); ``1, 234`` is a list. Any other space between two digits
+      separates them: ``1 2`` is not 12, and an answer written so scores 0
+      (``reward/unparsable_answers``). ``rel_tol > 0`` accepts ``|pred - gold| <= rel_tol *
       |gold|`` for scalar answers. Other expressions are compared by math-verify (sympy
       simplification, then numerically to 60 significant digits), decimals in them exactly.
+    - **Letter case** is significant: ``2X`` is not ``2x``, ``(c)`` is not ``(C)`` (latex2sympy
+      folds case; the reward refuses a letter that appears in only the other case).
     - **Relations** are compared whole (math-verify: equivalent equations and inequalities
-      match). An equation answers a bare gold value only as ``variable = value``:
-      ``x = 5`` answers 5, ``6 = 5``, ``2x = 10`` and ``x > 5`` do not, and every link of
-      ``x = 2 + 3 = 5`` must hold. Symmetrically, a gold ``x = 5`` is answered by ``5``.
-    - **Lists** match only a gold of the same length (as math-verify compares sets and
-      tuples: a set in any order, a tuple or interval in order).
+      match, ``2x + 2y = 6`` answers ``x + y = 3``). An equation answers a bare gold value
+      only as ``variable = value``: ``x = 5`` answers 5, ``6 = 5``, ``2x = 10`` and ``x > 5``
+      do not, and every link of ``x = 2 + 3 = 5`` must hold. Symmetrically, a gold ``x = 5``
+      (an assignment: a value) is answered by ``5`` or ``x = 5``, not by ``2x = 10``, which
+      does not state the value.
+    - **Lists** (top-level commas, semicolons, "and"/"or", a whole-answer set ``\\{...\\}``)
+      match only a gold with as many items, item by item as multisets: ``5, 5`` is not 5,
+      ``5, 5, 6`` is not ``5, 6, 6``; the order is free, a ``\\pm`` item counts as its two
+      values, and a bare value answers an ``x = 1`` item only in its place. A tuple or an
+      interval is one item, compared in order.
     - **Golds** are classified once. "unparsable" golds never pay: math-verify cannot read
       them as LaTeX (a set-builder ``\\{x | -2 \\leq x < 1\\}``, ``x \\neq \\pm 5``; its
       number search used to read these as 1 and 5, which is not done here). "lossy" golds
       parse but lose meaning: ``N = n`` (latex2sympy makes both letters one symbol), ``52_8``
-      (the base is dropped), a unit strip that deletes more than a unit, a vanished relation
-      sign or letter; such a gold pays only a prediction whose canonical text is the gold's
-      own, never one that matches what was left of it. ``audit_golds`` reports both when
-      data loads. Answers are parsed the same way; one that is lossy or unparsable scores 0
-      (``reward/unparsable_answers``).
+      (the base is dropped), a word that is not a unit, digits split by a space, a vanished
+      relation sign or letter; such a gold pays only a prediction whose canonical text is
+      the gold's own, never one that matches what was left of it. ``audit_golds`` reports
+      both when data loads. Answers are parsed the same way; one that is lossy or
+      unparsable scores 0 (``reward/unparsable_answers``).
 
-    Fast path, in this process: two plain numbers are decided here, and a prediction
-    whose canonical text is the gold's is accepted unless the gold is unparsable. Everything else goes to math-verify in
-    worker processes (``VerifierPool``), each sample bounded by ``timeout_seconds`` of wall
-    time and the whole call by ``batch_timeout_seconds``; results are cached by
-    ``(prediction, gold)``. Only the last ``max_completion_chars`` characters are read (the
-    answer is at the end), and an answer longer than ``max_answer_chars`` counts as an
-    extraction failure. A verifier error, timeout or spent budget gives 0 and is counted.
+    Fast path, in this process: two plain numbers are decided here (after the unit and word
+    checks), and a prediction whose canonical text is the gold's is accepted unless the
+    gold is unparsable. Everything else goes to math-verify in worker processes
+    (``VerifierPool``), each sample bounded by ``timeout_seconds`` of wall time and the
+    whole call by ``batch_timeout_seconds``; results are cached by ``(prediction, gold)``.
+    An answer longer than ``max_answer_chars`` counts as an extraction failure. A verifier
+    error, timeout or spent budget gives 0 and is counted.
 
     ``format`` is 1 when the last line holds ``#### X`` or ``\\boxed{X}`` (see FormatReward).
 
@@ -99,7 +159,7 @@ class MathReward(RewardFunction):
         timeout_seconds: wall-time limit of one sample's verification.
         format_weight: weight of the format bonus.
         num_workers: verifier processes (parallel verification of a batch).
-        max_completion_chars: characters read from the end of each completion.
+        max_completion_chars: longest completion read (whole); a longer one has no answer.
         max_answer_chars: longest answer (and gold) that is verified.
         cache_size: ``(prediction, gold)`` results kept.
         number_fallback: read the last stand-alone number of a completion that has no
@@ -118,7 +178,7 @@ class MathReward(RewardFunction):
         timeout_seconds: float = 2.0,
         format_weight: float = 0.0,
         num_workers: int = 2,
-        max_completion_chars: int = 8192,
+        max_completion_chars: int = MAX_COMPLETION_CHARS,
         max_answer_chars: int = 1000,
         cache_size: int = 65536,
         number_fallback: bool = False,
@@ -153,30 +213,45 @@ class MathReward(RewardFunction):
         extraction_failures = 0
         pending: dict[tuple[str | None, str], list[tuple[int, _Use]]] = {}
 
+        too_long = mismatches = 0
         for i, (completion, raw_gold) in enumerate(zip(completions, answers, strict=True)):
             gold = str(raw_gold).strip()
-            pred, _ = extract_answer(completion[-self.max_completion_chars :], self.number_fallback)
+            pred, source = extract_answer(completion, self.number_fallback, self.max_completion_chars)
+            too_long += source == "too_long"
             if pred is not None and len(pred) > self.max_answer_chars:
                 pred = None
             extraction_failures += pred is None
             if not gold or len(gold) > self.max_answer_chars:
                 scores.gold[i] = "unparsable"
                 continue
-            gold_value = exact_number(gold)
-            if gold_value is not None:  # a plain number: decided here unless the answer is not one
+            read = _Gold.read(gold)
+            if read.lossy_reason:  # decided here: pays only its own text
+                scores.gold[i] = "lossy"
+                scores.correct[i] = float(pred is not None and canonical_text(pred) == canonical_text(gold))
+                continue
+            if read.value is not None:
                 scores.gold[i] = "ok"
-                pred_value = None if pred is None else exact_number(pred)
-                if pred_value is not None:
-                    scores.correct[i] = float(self._numbers_equal(pred_value, gold_value))
-                if pred is None or pred_value is not None:
+            key, use = (None, read.worker_text), "gold"  # default: only classify the gold
+            if pred is not None and canonical_text(pred) == canonical_text(gold):
+                key, use = (None, read.worker_text), "text"
+                if read.value is not None:
+                    scores.correct[i] = 1.0
                     continue
-                gold = _as_latex(gold_value)  # the workers get the number unambiguously (not "1,000")
-            if pred is None:
-                key, use = (None, gold), "gold"
-            elif canonical_text(pred) == canonical_text(gold):
-                key, use = (None, gold), "text"
-            else:
-                key, use = (pred, gold), "verify"
+            elif pred is not None:
+                parts = split_answer(pred)
+                if parts.words or (parts.unit and read.parts.unit and parts.unit != read.parts.unit):
+                    mismatches += 1  # a word that is not a unit, or another unit: not equal
+                elif has_spaced_digits(pred):
+                    scores.unparsed[i] = True  # "1 2" is no number
+                else:
+                    pred_value = exact_number(pred)
+                    if read.value is not None and pred_value is not None:
+                        scores.correct[i] = float(self._numbers_equal(pred_value, read.value))
+                        continue
+                    if not letter_case_differs(parts.core, read.parts.core):
+                        key, use = (repeating_to_fraction(parts.core), read.worker_text), "verify"
+            if read.value is not None and use != "verify":
+                continue  # a plain-number gold needs no worker to be classified
             hit = self._cache_get(key)
             if hit is None:
                 pending.setdefault(key, []).append((i, use))
@@ -193,7 +268,7 @@ class MathReward(RewardFunction):
                 for i, use in pending[key]:
                     scores.apply(i, result, use)
 
-        fmt = [float(has_final_marker(c[-self.max_completion_chars :])) for c in completions]
+        fmt = [float(len(c) <= self.max_completion_chars and has_final_marker(c)) for c in completions]
         rewards = torch.tensor(
             [c + self.format_weight * f for c, f in zip(scores.correct, fmt, strict=True)],
             dtype=torch.float32,
@@ -206,6 +281,8 @@ class MathReward(RewardFunction):
             "reward/unparsable_gold": float(scores.gold.count("unparsable")),
             "reward/lossy_gold": float(scores.gold.count("lossy")),
             "reward/extraction_failures": float(extraction_failures),
+            "reward/too_long_completions": float(too_long),
+            "reward/unit_or_word_mismatches": float(mismatches),
             "reward/unparsable_answers": float(sum(scores.unparsed)),
             "reward/verify_errors": float(scores.status.count("error")),
             "reward/verify_timeouts": float(scores.status.count("timeout")),
@@ -225,16 +302,19 @@ class MathReward(RewardFunction):
                 out[raw] = ("unparsable", "empty")
             elif len(raw) > self.max_answer_chars:
                 out[raw] = ("unparsable", f"longer than max_answer_chars={self.max_answer_chars}")
-            elif exact_number(raw) is not None:
+            elif (read := _Gold.read(raw)).lossy_reason:
+                out[raw] = ("lossy", read.lossy_reason)
+            elif read.value is not None:
                 out[raw] = ("ok", "")
-            elif (known := self._cache_get((None, raw))) is not None:
+            elif (known := self._cache_get((None, read.worker_text))) is not None:
                 out[raw] = (known.gold, known.reason)
             else:
                 pending.append(raw)
-        results = self._verifier().run([(None, g) for g in pending]) if pending else []
-        for gold, result in zip(pending, results, strict=True):
+        texts = [_Gold.read(g).worker_text for g in pending]
+        results = self._verifier().run([(None, t) for t in texts]) if pending else []
+        for gold, text, result in zip(pending, texts, results, strict=True):
             if result.status == "ok":
-                self._cache_put((None, gold), result)
+                self._cache_put((None, text), result)
                 out[gold] = (result.gold, result.reason)
             else:
                 out[gold] = ("unparsable", f"verification {result.status}")
