@@ -11,17 +11,13 @@ from egspo.losses import CEGPPOLoss, EGSPOLoss, ESPOLoss, PPOClipLoss, TokenBatc
 from egspo.losses.aggregation import AGG_MODES
 from egspo.rewards.extraction import (
     after_hash_marker,
-    canonical_number,
-    canonical_text,
-    exact_number,
     extract_answer,
     has_final_marker,
-    has_spaced_digits,
     last_boxed,
     last_number,
-    letter_case_differs,
-    split_answer,
 )
+from egspo.rewards.numeric import canonical_number, canonical_text, exact_number, has_spaced_digits
+from egspo.rewards.units import letter_case_differs, split_answer
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -14,7 +14,7 @@ import pytest
 
 from egspo.data.records import load_examples
 from egspo.rewards import MathReward, VerifierPool, audit_golds
-from egspo.rewards.extraction import exact_number
+from egspo.rewards.numeric import exact_number
 
 # MATH-500 golds in another base: latex2sympy keeps the digits and drops the base, so they
 # are "lossy" and pay only their own text.

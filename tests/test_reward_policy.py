@@ -7,7 +7,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egspo.rewards import FormatReward, MathReward
-from egspo.rewards.extraction import canonical_text, exact_number, extract_answer, last_boxed, split_answer
+from egspo.rewards.extraction import extract_answer, last_boxed
+from egspo.rewards.numeric import canonical_text, exact_number
+from egspo.rewards.units import split_answer
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,13 @@ from egspo.data.records import load_examples
 from egspo.rewards import FormatReward, MathReward, RewardFunction, RewardOutput, VerifierPool
 from egspo.rewards.extraction import (
     after_hash_marker,
-    canonical_number,
-    canonical_text,
-    exact_number,
     extract_answer,
     has_final_marker,
-    has_spaced_digits,
     last_boxed,
     last_number,
-    split_answer,
 )
+from egspo.rewards.numeric import canonical_number, canonical_text, exact_number, has_spaced_digits
+from egspo.rewards.units import split_answer
 
 
 @pytest.fixture(scope="module")

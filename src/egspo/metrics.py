@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-from egspo.rewards.extraction import canonical_number, canonical_text, extract_answer
+from egspo.rewards.extraction import extract_answer
+from egspo.rewards.numeric import canonical_number, canonical_text
 
 
 def pass_at_k(correct_counts: Tensor, n: int, k: int) -> Tensor:

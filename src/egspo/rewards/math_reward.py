@@ -10,18 +10,9 @@ from typing import Literal
 import torch
 
 from egspo.rewards.base import RewardFunction, RewardOutput
-from egspo.rewards.extraction import (
-    MAX_COMPLETION_CHARS,
-    AnswerParts,
-    canonical_text,
-    exact_number,
-    extract_answer,
-    has_final_marker,
-    has_spaced_digits,
-    letter_case_differs,
-    repeating_to_fraction,
-    split_answer,
-)
+from egspo.rewards.extraction import MAX_COMPLETION_CHARS, extract_answer, has_final_marker
+from egspo.rewards.numeric import canonical_text, exact_number, has_spaced_digits, repeating_to_fraction
+from egspo.rewards.units import AnswerParts, letter_case_differs, split_answer
 from egspo.rewards.verifier import GoldStatus, VerifierPool, VerifyResult
 
 
@@ -35,9 +26,10 @@ def _as_latex(value: Fraction | str) -> str:
 
 @dataclass(frozen=True)
 class _Gold:
-    """A gold answer as the reward reads it: its unit split, its exact value when it is a
-    plain number, why it is lossy when that is decided here, and the text the workers get."""
+    """A gold answer as the reward reads it: its text, its unit split, its exact value when it
+    is a plain number, why it is lossy when that is decided here, and the text the workers get."""
 
+    text: str
     parts: AnswerParts
     value: Fraction | str | None
     lossy_reason: str
@@ -53,13 +45,25 @@ class _Gold:
             reason = "digits separated by a space"
         value = None if reason else exact_number(gold)
         worker_text = _as_latex(value) if value is not None else repeating_to_fraction(parts.core)
-        return cls(parts, value, reason, worker_text)
+        return cls(gold, parts, value, reason, worker_text)
+
+
+def _numbers_equal(pred: Fraction | str, gold: Fraction | str, rel_tol: float) -> bool:
+    """Exact equality, or ``|pred - gold| <= rel_tol * |gold|``; numbers too long to convert
+    (digit strings) are equal only digit for digit."""
+    if isinstance(pred, str) or isinstance(gold, str):
+        return pred == gold
+    if rel_tol == 0:
+        return pred == gold
+    return abs(pred - gold) <= Fraction(rel_tol) * abs(gold)
 
 
 # How a worker result decides a sample: "verify" a (prediction, gold) pair; "text": the
 # prediction is the gold's own text, right unless the gold is unparsable; "gold": no
 # prediction, the result only classifies the gold.
 _Use = Literal["verify", "text", "gold"]
+# A worker request and cache key: ``(prediction or None, gold)`` as the workers read them.
+_Key = tuple[str | None, str]
 
 
 @dataclass
@@ -70,6 +74,9 @@ class _Scores:
     gold: list[GoldStatus | None]
     status: list[str]
     unparsed: list[bool]  # an answer math-verify cannot read in full
+    extraction_failures: int = 0
+    too_long: int = 0
+    mismatches: int = 0  # a word that is not a unit, or another unit than the gold's
 
     def apply(self, i: int, result: VerifyResult, use: _Use) -> None:
         self.status[i] = result.status
@@ -81,6 +88,53 @@ class _Scores:
         elif use == "verify":
             self.unparsed[i] = result.gold == "ok" and not result.pred_parsed
             self.correct[i] = float(result.correct and result.gold == "ok")
+
+    def decide_here(self, i: int, pred: str | None, gold: _Gold, rel_tol: float) -> tuple[_Key, _Use] | None:
+        """Decide sample ``i`` in this process where the policy can (``MathReward``'s fast path);
+        else return the worker request that decides it. None: decided here."""
+        same_text = pred is not None and canonical_text(pred) == canonical_text(gold.text)
+        if gold.lossy_reason:  # decided here: pays only its own text
+            self.gold[i] = "lossy"
+            self.correct[i] = float(same_text)
+            return None
+        if gold.value is not None:
+            self.gold[i] = "ok"
+        key, use = (None, gold.worker_text), "gold"  # default: only classify the gold
+        if same_text:
+            key, use = (None, gold.worker_text), "text"
+            if gold.value is not None:
+                self.correct[i] = 1.0
+                return None
+        elif pred is not None:
+            parts = split_answer(pred)
+            if parts.words or (parts.unit and gold.parts.unit and parts.unit != gold.parts.unit):
+                self.mismatches += 1  # a word that is not a unit, or another unit: not equal
+            elif has_spaced_digits(pred):
+                self.unparsed[i] = True  # "1 2" is no number
+            else:
+                pred_value = exact_number(pred)
+                if gold.value is not None and pred_value is not None:
+                    self.correct[i] = float(_numbers_equal(pred_value, gold.value, rel_tol))
+                    return None
+                if not letter_case_differs(parts.core, gold.parts.core):
+                    key, use = (repeating_to_fraction(parts.core), gold.worker_text), "verify"
+        if gold.value is not None and use != "verify":
+            return None  # a plain-number gold needs no worker to be classified
+        return key, use
+
+    def counts(self) -> dict[str, float]:
+        """The call's counters, ready to log."""
+        return {
+            "reward/unparsable_gold": float(self.gold.count("unparsable")),
+            "reward/lossy_gold": float(self.gold.count("lossy")),
+            "reward/extraction_failures": float(self.extraction_failures),
+            "reward/too_long_completions": float(self.too_long),
+            "reward/unit_or_word_mismatches": float(self.mismatches),
+            "reward/unparsable_answers": float(sum(self.unparsed)),
+            "reward/verify_errors": float(self.status.count("error")),
+            "reward/verify_timeouts": float(self.status.count("timeout")),
+            "reward/budget_exhausted": float(self.status.count("budget")),
+        }
 
 
 class MathReward(RewardFunction):
@@ -99,7 +153,7 @@ class MathReward(RewardFunction):
       ``10`` of ``2^{10}``). The whole completion is read (extraction is linear); one longer
       than ``max_completion_chars`` has no answer and no format bonus, counted in
       ``reward/too_long_completions``: no window decides which marker is the last.
-    - **Units and words.** Only known unit words (``extraction._UNIT_SPELLINGS``: lengths,
+    - **Units and words.** Only known unit words (``units._UNIT_SPELLINGS``: lengths,
       areas, volumes, times, masses, money, speeds, ``\\%``, degrees) are units, at the end of
       the answer: in a text command (``5\\text{ cm}^2``), as a symbol (``\\%``, ``^\\circ``,
       a leading ``\\$``), or bare when unambiguous (``5 feet``; a bare ``cm`` is a product of
@@ -203,70 +257,30 @@ class MathReward(RewardFunction):
         self.rel_tol = rel_tol
         self.batch_timeout_seconds = batch_timeout_seconds
         self._pool: VerifierPool | None = None
-        self._cache: OrderedDict[tuple[str | None, str], VerifyResult] = OrderedDict()
+        self._cache: OrderedDict[_Key, VerifyResult] = OrderedDict()
 
     def __call__(self, completions: list[str], answers: list[str]) -> RewardOutput:
         if len(completions) != len(answers):
             raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
         n = len(completions)
         scores = _Scores([0.0] * n, [None] * n, ["ok"] * n, [False] * n)
-        extraction_failures = 0
-        pending: dict[tuple[str | None, str], list[tuple[int, _Use]]] = {}
-
-        too_long = mismatches = 0
+        pending: dict[_Key, list[tuple[int, _Use]]] = {}
         for i, (completion, raw_gold) in enumerate(zip(completions, answers, strict=True)):
+            pred = self._final_answer(completion, scores)
             gold = str(raw_gold).strip()
-            pred, source = extract_answer(completion, self.number_fallback, self.max_completion_chars)
-            too_long += source == "too_long"
-            if pred is not None and len(pred) > self.max_answer_chars:
-                pred = None
-            extraction_failures += pred is None
             if not gold or len(gold) > self.max_answer_chars:
                 scores.gold[i] = "unparsable"
                 continue
-            read = _Gold.read(gold)
-            if read.lossy_reason:  # decided here: pays only its own text
-                scores.gold[i] = "lossy"
-                scores.correct[i] = float(pred is not None and canonical_text(pred) == canonical_text(gold))
+            request = scores.decide_here(i, pred, _Gold.read(gold), self.rel_tol)
+            if request is None:
                 continue
-            if read.value is not None:
-                scores.gold[i] = "ok"
-            key, use = (None, read.worker_text), "gold"  # default: only classify the gold
-            if pred is not None and canonical_text(pred) == canonical_text(gold):
-                key, use = (None, read.worker_text), "text"
-                if read.value is not None:
-                    scores.correct[i] = 1.0
-                    continue
-            elif pred is not None:
-                parts = split_answer(pred)
-                if parts.words or (parts.unit and read.parts.unit and parts.unit != read.parts.unit):
-                    mismatches += 1  # a word that is not a unit, or another unit: not equal
-                elif has_spaced_digits(pred):
-                    scores.unparsed[i] = True  # "1 2" is no number
-                else:
-                    pred_value = exact_number(pred)
-                    if read.value is not None and pred_value is not None:
-                        scores.correct[i] = float(self._numbers_equal(pred_value, read.value))
-                        continue
-                    if not letter_case_differs(parts.core, read.parts.core):
-                        key, use = (repeating_to_fraction(parts.core), read.worker_text), "verify"
-            if read.value is not None and use != "verify":
-                continue  # a plain-number gold needs no worker to be classified
+            key, use = request
             hit = self._cache_get(key)
             if hit is None:
                 pending.setdefault(key, []).append((i, use))
             else:
                 scores.apply(i, hit, use)
-
-        if pending:
-            keys = list(pending)
-            results = self._verifier().run(keys, self.batch_timeout_seconds)
-            for key, result in zip(keys, results, strict=True):
-                if result.status == "ok":
-                    self._cache_put(key, result)
-                    self._cache_put((None, key[1]), VerifyResult(result.gold, False, "ok", result.reason))
-                for i, use in pending[key]:
-                    scores.apply(i, result, use)
+        self._verify(pending, scores)
 
         fmt = [float(len(c) <= self.max_completion_chars and has_final_marker(c)) for c in completions]
         rewards = torch.tensor(
@@ -278,18 +292,34 @@ class MathReward(RewardFunction):
             "reward/mean": rewards.sum().item() / denom,
             "reward/accuracy": sum(scores.correct) / denom,
             "reward/format": sum(fmt) / denom,
-            "reward/unparsable_gold": float(scores.gold.count("unparsable")),
-            "reward/lossy_gold": float(scores.gold.count("lossy")),
-            "reward/extraction_failures": float(extraction_failures),
-            "reward/too_long_completions": float(too_long),
-            "reward/unit_or_word_mismatches": float(mismatches),
-            "reward/unparsable_answers": float(sum(scores.unparsed)),
-            "reward/verify_errors": float(scores.status.count("error")),
-            "reward/verify_timeouts": float(scores.status.count("timeout")),
-            "reward/budget_exhausted": float(scores.status.count("budget")),
+            **scores.counts(),
             "reward/verifier_calls": float(len(pending)),
         }
         return RewardOutput(rewards, metrics, correct=torch.tensor(scores.correct) > 0.5)
+
+    def _final_answer(self, completion: str, scores: _Scores) -> str | None:
+        """The completion's final answer, None (and counted) when there is none to verify."""
+        pred, source = extract_answer(completion, self.number_fallback, self.max_completion_chars)
+        scores.too_long += source == "too_long"
+        if pred is not None and len(pred) > self.max_answer_chars:
+            pred = None
+        scores.extraction_failures += pred is None
+        return pred
+
+    def _verify(self, pending: dict[_Key, list[tuple[int, _Use]]], scores: _Scores) -> None:
+        """Send each distinct request to the workers once (within the call's budget) and apply
+        its result to every sample waiting on it; cache what came back "ok", and the gold's
+        class under ``(None, gold)``."""
+        if not pending:
+            return
+        keys = list(pending)
+        results = self._verifier().run(keys, self.batch_timeout_seconds)
+        for key, result in zip(keys, results, strict=True):
+            if result.status == "ok":
+                self._cache_put(key, result)
+                self._cache_put((None, key[1]), VerifyResult(result.gold, False, "ok", result.reason))
+            for i, use in pending[key]:
+                scores.apply(i, result, use)
 
     def classify_golds(self, golds: list[str]) -> list[tuple[GoldStatus, str]]:
         """``(class, reason)`` of each gold, exactly as ``__call__`` sees it: "ok", "lossy"
@@ -320,25 +350,18 @@ class MathReward(RewardFunction):
                 out[gold] = ("unparsable", f"verification {result.status}")
         return [out[str(g).strip()] for g in golds]
 
-    def _numbers_equal(self, pred: Fraction | str, gold: Fraction | str) -> bool:
-        if isinstance(pred, str) or isinstance(gold, str):  # over 64 digits: exact digits only
-            return pred == gold
-        if self.rel_tol == 0:
-            return pred == gold
-        return abs(pred - gold) <= Fraction(self.rel_tol) * abs(gold)
-
     def _verifier(self) -> VerifierPool:
         if self._pool is None:
             self._pool = VerifierPool(self.num_workers, self.timeout_seconds, rel_tol=self.rel_tol)
         return self._pool
 
-    def _cache_get(self, key: tuple[str | None, str]) -> VerifyResult | None:
+    def _cache_get(self, key: _Key) -> VerifyResult | None:
         result = self._cache.get(key)
         if result is not None:
             self._cache.move_to_end(key)
         return result
 
-    def _cache_put(self, key: tuple[str | None, str], result: VerifyResult) -> None:
+    def _cache_put(self, key: _Key, result: VerifyResult) -> None:
         self._cache[key] = result
         self._cache.move_to_end(key)
         while len(self._cache) > self.cache_size:

@@ -28,6 +28,11 @@ from typing import Literal
 _WORKER_SCRIPT = Path(__file__).with_name("_verify_worker.py")
 # A request that kills this many workers in a row is reported as an error, not retried.
 _MAX_ATTEMPTS = 2
+# Thread pools a worker could start (OpenMP, MKL, OpenBLAS), and the OpenMP waiting knobs a
+# user may have set. Verification is single-threaded Python (sympy loads no OpenMP or BLAS
+# runtime today); the defaults keep it so if a dependency ever does.
+_THREAD_KNOBS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_WAIT_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
 
 
 GoldStatus = Literal["ok", "lossy", "unparsable"]
@@ -47,6 +52,40 @@ class VerifyResult:
     pred_parsed: bool = False
 
 
+@dataclass
+class _Batch:
+    """The requests of one ``VerifierPool.run`` call and how far they are."""
+
+    payloads: list[bytes]  # one JSON line per request
+    results: list[VerifyResult | None]
+    attempts: list[int]  # workers each request has crashed
+    queue: list[int]  # requests not sent yet, the next one last
+    remaining: int  # requests without a result
+
+    @classmethod
+    def of(cls, requests: list[tuple[str | None, str]]) -> _Batch:
+        payloads = [(json.dumps({"pred": p, "gold": g}) + "\n").encode() for p, g in requests]
+        n = len(requests)
+        return cls(payloads, [None] * n, [0] * n, list(range(n))[::-1], n)
+
+    def finish(self, task: int, result: VerifyResult) -> None:
+        self.results[task] = result
+        self.remaining -= 1
+
+
+def _worker_env() -> dict[str, str]:
+    """The trainer's environment, with one thread per worker and passive OpenMP waiting unless
+    the user chose otherwise: the workers share the cores with the trainer, and an idle OpenMP
+    thread that spins holds a core the trainer waits for (as ``egspo.cli`` sets for the trainer)."""
+    env = dict(os.environ)
+    for knob in _THREAD_KNOBS:
+        env.setdefault(knob, "1")
+    if not any(knob in env for knob in _WAIT_KNOBS):
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 class _Worker:
     def __init__(self, soft_timeout: float, rel_tol: float) -> None:
         self.proc = subprocess.Popen(
@@ -54,7 +93,7 @@ class _Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=_worker_env(),
         )
         self.fd = self.proc.stdout.fileno()
         self.buffer = b""
@@ -176,84 +215,94 @@ class VerifierPool:
         self.restarts += 1
 
     def _run(self, requests: list[tuple[str | None, str]], deadline: float | None) -> list[VerifyResult]:
-        payloads = [(json.dumps({"pred": p, "gold": g}) + "\n").encode() for p, g in requests]
-        results: list[VerifyResult | None] = [None] * len(requests)
-        attempts = [0] * len(requests)
-        queue = list(range(len(requests)))[::-1]
-        remaining = len(requests)
-
-        def fail(worker: _Worker, status: Literal["timeout", "error"]) -> None:
-            nonlocal remaining
-            task = worker.task
-            worker.task = None
-            self._replace(worker)
-            if task is None:
-                return
-            attempts[task] += 1
-            if status == "error" and attempts[task] < _MAX_ATTEMPTS:
-                queue.append(task)  # a crash may be unrelated to this request: retry once
-            else:
-                results[task] = VerifyResult("unparsable", False, status)
-                remaining -= 1
-
-        while remaining:
+        """One call's event loop: hand queued requests to idle workers, wait for a reply, a
+        per-request deadline, a start-up deadline or the call's budget, then act on it."""
+        batch = _Batch.of(requests)
+        while batch.remaining:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
-                self._give_up(results, queue)
+                self._give_up(batch)
                 break
-            for worker in list(self._workers):
-                if worker.ready and worker.task is None and queue:
-                    task = queue.pop()
-                    if not worker.send(task, payloads[task], now + self.timeout_seconds):
-                        fail(worker, "error")
-            waits = [] if deadline is None else [deadline]
-            for worker in self._workers:
-                if not worker.ready:
-                    waits.append(worker.started + self.startup_timeout)
-                elif worker.task is not None:
-                    waits.append(worker.deadline)
-            timeout = max(0.0, min(waits) - time.monotonic()) if waits else None
-            readable = _readable([w.fd for w in self._workers], timeout)
+            self._dispatch(batch, now)
+            readable = _readable([w.fd for w in self._workers], self._wait_seconds(deadline))
             for worker in [w for w in self._workers if w.fd in readable]:
-                lines = worker.read_lines()
-                if lines is None:
-                    if not worker.ready:
-                        raise RuntimeError("math-verify worker exited during start-up")
-                    fail(worker, "error")
-                    continue
-                for message in lines:
-                    if "fatal" in message:
-                        raise RuntimeError(f"math-verify worker cannot start: {message['fatal']}")
-                    if message.get("ready"):
-                        worker.ready = True
-                    elif worker.task is not None:
-                        results[worker.task] = VerifyResult(
-                            message["gold"],
-                            bool(message["correct"]),
-                            message["status"],
-                            message["reason"],
-                            bool(message["pred_parsed"]),
-                        )
-                        worker.task = None
-                        remaining -= 1
-            now = time.monotonic()
-            for worker in list(self._workers):
-                if worker.task is not None and now >= worker.deadline:
-                    fail(worker, "timeout")
-                elif not worker.ready and now >= worker.started + self.startup_timeout:
-                    raise RuntimeError(
-                        f"math-verify worker did not start within {self.startup_timeout:.0f} s"
-                    )
-        return results  # type: ignore[return-value]
+                self._receive(worker, batch)
+            self._enforce_deadlines(batch)
+        return batch.results  # type: ignore[return-value]
 
-    def _give_up(self, results: list[VerifyResult | None], queue: list[int]) -> None:
+    def _dispatch(self, batch: _Batch, now: float) -> None:
+        """Send the next queued request to each idle worker, its deadline starting now."""
+        for worker in list(self._workers):
+            if worker.ready and worker.task is None and batch.queue:
+                task = batch.queue.pop()
+                if not worker.send(task, batch.payloads[task], now + self.timeout_seconds):
+                    self._fail(worker, "error", batch)
+
+    def _wait_seconds(self, deadline: float | None) -> float | None:
+        """How long to wait for a reply: until the nearest deadline (None: no deadline)."""
+        waits = [] if deadline is None else [deadline]
+        for worker in self._workers:
+            if not worker.ready:
+                waits.append(worker.started + self.startup_timeout)
+            elif worker.task is not None:
+                waits.append(worker.deadline)
+        return max(0.0, min(waits) - time.monotonic()) if waits else None
+
+    def _receive(self, worker: _Worker, batch: _Batch) -> None:
+        """Read what ``worker`` wrote: its ready line, replies, or its end (it died)."""
+        lines = worker.read_lines()
+        if lines is None:
+            if not worker.ready:
+                raise RuntimeError("math-verify worker exited during start-up")
+            self._fail(worker, "error", batch)
+            return
+        for message in lines:
+            if "fatal" in message:
+                raise RuntimeError(f"math-verify worker cannot start: {message['fatal']}")
+            if message.get("ready"):
+                worker.ready = True
+            elif worker.task is not None:
+                result = VerifyResult(
+                    message["gold"],
+                    bool(message["correct"]),
+                    message["status"],
+                    message["reason"],
+                    bool(message["pred_parsed"]),
+                )
+                batch.finish(worker.task, result)
+                worker.task = None
+
+    def _enforce_deadlines(self, batch: _Batch) -> None:
+        """Replace the workers past their request's deadline; fail if one never starts."""
+        now = time.monotonic()
+        for worker in list(self._workers):
+            if worker.task is not None and now >= worker.deadline:
+                self._fail(worker, "timeout", batch)
+            elif not worker.ready and now >= worker.started + self.startup_timeout:
+                raise RuntimeError(f"math-verify worker did not start within {self.startup_timeout:.0f} s")
+
+    def _fail(self, worker: _Worker, status: Literal["timeout", "error"], batch: _Batch) -> None:
+        """Replace ``worker``; its request is retried once after a crash (which may be
+        unrelated to it), and reported as ``status`` after a timeout or a second crash."""
+        task = worker.task
+        worker.task = None
+        self._replace(worker)
+        if task is None:
+            return
+        batch.attempts[task] += 1
+        if status == "error" and batch.attempts[task] < _MAX_ATTEMPTS:
+            batch.queue.append(task)
+        else:
+            batch.finish(task, VerifyResult("unparsable", False, status))
+
+    def _give_up(self, batch: _Batch) -> None:
         """Budget spent: mark the queued and running requests, replace the busy workers."""
         budget = VerifyResult("unparsable", False, "budget")
         for worker in list(self._workers):
             if worker.task is not None:
-                results[worker.task] = budget
+                batch.finish(worker.task, budget)
                 worker.task = None
                 self._replace(worker)
-        for task in queue:
-            results[task] = budget
-        queue.clear()
+        for task in batch.queue:
+            batch.finish(task, budget)
+        batch.queue.clear()
