@@ -2,7 +2,6 @@ import math
 
 import pytest
 
-from egspo.callbacks import GateScheduler
 from egspo.schedules import ChordMuSchedule, ConstantMu, ramp
 
 
@@ -30,10 +29,3 @@ def test_ramp_linear_and_cosine_hit_endpoints_and_midpoint():
     assert ramp(0.5, 0.8, 0.25, "cosine") < ramp(0.5, 0.8, 0.25, "linear")
     with pytest.raises(ValueError):
         ramp(0, 1, 0.5, "step")
-
-
-def test_gate_scheduler_spans_the_rl_phase():
-    sched = GateScheduler(start=0.5, end=0.8)
-    assert sched.value_at(0, 11) == 0.5
-    assert sched.value_at(10, 11) == pytest.approx(0.8)
-    assert sched.value_at(5, 11) == pytest.approx(0.65)
