@@ -2,6 +2,7 @@
 
     python scripts/check_demo.py                 # seeds 0 1 2, then seed 0 with 1 thread, lr / 2, lr x 2
     python scripts/check_demo.py --only seeds    # the three seeds alone
+    <vllm venv>/bin/python scripts/check_demo.py --only seeds --engine egspo.rollout.VLLMEngine
 
 Each run is `python -m egspo fit --config configs/demo.yaml` in a fresh process with its own
 root folder; the held-out greedy accuracy after the warm-up and after RL comes from its
@@ -46,6 +47,7 @@ def variants(rl_lr: float) -> dict[str, tuple[str, list[str], int | None]]:
 
 
 def run(name: str, extra: list[str], threads: int | None, work: Path) -> dict:
+    """One demo run in a fresh process; its held-out accuracies after each phase and its wall time."""
     root = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads is not None:
@@ -106,26 +108,32 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--only", choices=["seeds", "changes"], default=None)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "demo_check")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument(
+        "--engine", default=None, help="model.rollout.engine of every run (default: the demo's)"
+    )
     args = parser.parse_args(argv)
+    engine = [] if args.engine is None else [f"--model.rollout.engine={args.engine}"]
+    suffix = "" if args.engine is None else "_" + args.engine.rsplit(".", 1)[-1]
     rl_lr = yaml.safe_load(CONFIG.read_text())["model"]["update"]["rl_learning_rate"]
     results = []
     for name, (group, extra, threads) in variants(rl_lr).items():
         if args.only not in (None, group):
             continue
-        result = run(name, extra, threads, args.work)
+        result = run(name, [*extra, *engine], threads, args.work / suffix.lstrip("_"))
         results.append(result)
         status = f"{result['sft']:.3f} -> {result['rl']:.3f}" if result["ok"] else result["error"]
         print(f"{name}: {status} ({result['seconds']:.0f} s)", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "demo_check.md"
+    path = args.out / f"demo_check{suffix}.md"
     load = os.getloadavg()[0]
     path.write_text(
         "# The demo's RL gain: seeds and small changes\n\n"
-        f"`python scripts/check_demo.py` (`{CONFIG.relative_to(ROOT)}`; held-out greedy accuracy on the "
+        f"`python scripts/check_demo.py{'' if args.engine is None else ' --engine ' + args.engine}` "
+        f"(`{CONFIG.relative_to(ROOT)}`; held-out greedy accuracy on the "
         "demo's eval set; load average at the end: "
         f"{load:.1f}).\n\n{table(results)}\n"
     )
-    (args.out / "demo_check.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"demo_check{suffix}.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {path}")
     return path
 

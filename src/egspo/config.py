@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from egspo.losses.mismatch import MismatchCorrection, default_correction
 from egspo.rollout.engine import RolloutEngine
 from egspo.rollout.shared_prefill import SharedPrefillEngine
 
@@ -76,6 +77,9 @@ class RolloutConfig:
         overlong_buffer_len, overlong_penalty_factor: DAPO's soft overlong punishment (verl's
             names): the reward falls linearly by up to `overlong_penalty_factor` over the last
             `overlong_buffer_len` tokens before `max_completion_length` (None: off).
+        mismatch_correction: how the loss corrects for an engine whose log-probs are not the
+            trainer's (`egspo.losses.mismatch.MismatchCorrection`: truncated importance weights,
+            sequence masking). None: on for such engines (`VLLMEngine`), metrics only otherwise.
     """
 
     engine: RolloutEngine | None = None
@@ -91,10 +95,13 @@ class RolloutConfig:
     mask_truncated_completions: bool = False
     overlong_buffer_len: int | None = None
     overlong_penalty_factor: float = 1.0
+    mismatch_correction: MismatchCorrection | None = None
 
     def __post_init__(self) -> None:
         if self.engine is None:
             self.engine = SharedPrefillEngine()
+        if self.mismatch_correction is None:
+            self.mismatch_correction = default_correction(self.engine)
         buffer = self.overlong_buffer_len
         _check(
             **{

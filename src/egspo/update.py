@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from egspo.config import UpdateConfig
 from egspo.data.encoding import EncodedDemonstrations
 from egspo.distributed import all_ranks_agree, gather_objects
-from egspo.losses import PolicyLoss, SFTLoss, TokenBatch
+from egspo.losses import CovariancePolicyLoss, PolicyLoss, SFTLoss, TokenBatch
 from egspo.losses.aggregation import aggregation_units
 from egspo.rollout.experience import Experience, pack_rows
 from egspo.scoring import token_logprobs
@@ -112,6 +112,8 @@ class PolicyUpdate:
         size = mini_batch_size or self.config.mini_batch_size or len(experience)
         # As many steps on every process (each steps in lock-step), however many rows it holds.
         count = max(gather_objects(max(len(experience) // size, 1)))
+        if isinstance(self.policy_loss, CovariancePolicyLoss):  # Clip-Cov / KL-Cov: centred per batch
+            self.policy_loss.prepare_covariance(*self._rollout_tokens(policy, experience))
         results = []
         for _ in range(self.config.ppo_epochs):
             for minibatch in experience.minibatches(count):
@@ -142,6 +144,24 @@ class PolicyUpdate:
         return results
 
     # ------------------------------------------------------------------ losses
+    @torch.no_grad()
+    def _rollout_tokens(self, policy: torch.nn.Module, experience: Experience) -> tuple[Tensor, Tensor]:
+        """This rank's valid tokens' rollout log-probs and advantages (1-D, any order). Without
+        `old_logprobs` (one optimizer step per batch) the current policy is the rollout policy."""
+        logprobs, advantages = [], []
+        for mb in experience.microbatches(self.config.ppo_max_token_len_per_gpu):
+            old = mb.old_logprobs
+            if old is None:
+                temperature = self.temperature if mb.temperature is None else float(mb.temperature[0])
+                old = token_logprobs(
+                    policy, mb.input_ids, mb.attention_mask, mb.score_mask(), temperature=temperature,
+                    chunk_size=self.config.logprob_chunk_size,
+                ).logprobs[:, mb.prompt_length :]  # fmt: skip
+            valid = mb.loss_mask > 0
+            logprobs.append(old[valid])
+            advantages.append(mb.advantages[:, None].expand_as(valid)[valid])
+        return torch.cat(logprobs), torch.cat(advantages)
+
     def _rl_losses(
         self, policy: torch.nn.Module, minibatch: Experience, threshold: Tensor | None, scale: float
     ) -> Iterator[WeightedLoss]:
@@ -169,6 +189,7 @@ class PolicyUpdate:
                 ref_logprobs=mb.ref_logprobs,
                 entropy_threshold=threshold,
                 polarity=scores.polarity[:, p:] if needs_polarity else None,
+                is_weights=mb.is_weights,
             )
             out = self.policy_loss(batch)
             weight = float(aggregation_units(mb.loss_mask, mode)) / max(total, 1.0)

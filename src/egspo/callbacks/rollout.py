@@ -51,6 +51,13 @@ class RolloutCallback(Callback):
     ) -> None:
         if trainer.global_step != self.steps_seen:  # the weights changed: a copy held by the engine is stale
             self.steps_seen = trainer.global_step
-            weights_changed = getattr(self.builder.config.engine, "weights_changed", None)
-            if callable(weights_changed):
-                weights_changed()
+            self.mark_stale()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        self.mark_stale()  # an engine built before the checkpoint's weights were loaded
+
+    def mark_stale(self) -> None:
+        """Tell an engine that holds its own copy of the weights to sync before it next samples."""
+        mark_stale = getattr(self.builder.config.engine, "mark_stale", None)
+        if callable(mark_stale):
+            mark_stale()

@@ -4,10 +4,20 @@ from .aggregation import AGG_MODES, AggMode, aggregate, aggregation_units, maske
 from .base import PolicyLoss
 from .batch import LossOutput, TokenBatch
 from .cegppo import CEGPPOLoss
+from .cispo import CISPOLoss
+from .cov import ClipCovLoss, CovariancePolicyLoss, KLCovLoss
 from .egspo import EGSPOLoss
-from .espo import ESPOLoss
+from .espo import ESPOLoss, group_token_log_ratio
 from .gate import EntropyGate, HasEntropyGate
+from .gspo import GSPOLoss
 from .kl import KL_ESTIMATORS, KLEstimator, kl_penalty
+from .mismatch import (
+    MismatchCorrection,
+    MismatchOutput,
+    default_correction,
+    mismatch_metrics,
+    rollout_correction,
+)
 from .papo import PAPOLoss
 from .ppo import ClippedObjective, ClippedPolicyLoss, PPOClipLoss, clipped_objective
 from .sft import ChordPhiLoss, NLLLoss, SFTLoss
@@ -17,15 +27,22 @@ __all__ = [
     "KL_ESTIMATORS",
     "AggMode",
     "CEGPPOLoss",
+    "CISPOLoss",
     "ChordPhiLoss",
+    "ClipCovLoss",
     "ClippedObjective",
     "ClippedPolicyLoss",
+    "CovariancePolicyLoss",
     "EGSPOLoss",
     "ESPOLoss",
     "EntropyGate",
+    "GSPOLoss",
     "HasEntropyGate",
+    "KLCovLoss",
     "KLEstimator",
     "LossOutput",
+    "MismatchCorrection",
+    "MismatchOutput",
     "NLLLoss",
     "PAPOLoss",
     "PPOClipLoss",
@@ -35,6 +52,10 @@ __all__ = [
     "aggregate",
     "aggregation_units",
     "clipped_objective",
+    "default_correction",
+    "group_token_log_ratio",
     "kl_penalty",
     "masked_mean",
+    "mismatch_metrics",
+    "rollout_correction",
 ]

@@ -40,6 +40,15 @@ class PolicyLoss:
     Losses that read ``batch.polarity`` set the class attribute ``needs_polarity = True``, so the
     trainer scores with ``with_polarity=True``.
 
+    Rollout-mismatch correction: ``batch.is_weights`` (``w_t``, no gradient) multiply the gradient
+    of each token's policy-gradient term, for every loss: the policy term sees
+    ``logp_t + (w_t - 1) (logp_t - sg(logp_t))``, equal to ``logp_t`` in value (ratios, clip
+    regions, gates, group ratios and token selections are unchanged) with gradient ``w_t``. Every
+    loss reaches the parameters only through ``logp_t``, so token t's contribution to the gradient
+    is scaled by ``w_t``: for PPO-style losses that is ``grad(w_t PPO_t)``; for ESPO / GSPO the
+    token's term inside its group's mean (the group ratio's value stays the trainer's). Reported
+    values (``pg_loss``) are unweighted; the KL-to-reference term is not weighted.
+
     Metrics common to all policy losses: ``pg_loss`` (policy term), ``approx_kl``
     (mean of ``(log r)^2 / 2`` over valid tokens, KL to the rollout policy), and ``kl``
     (the aggregated reference KL, only when ``beta > 0``).
@@ -113,8 +122,13 @@ class PolicyLoss:
                 f"{name} needs batch.polarity: score with token_logprobs(..., with_polarity=True)"
             )
         batch = sanitize(batch)
-        log_ratio = (batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        pg_loss, metrics = self.policy_loss(batch, log_ratio)
+        pg_batch = batch
+        if batch.is_weights is not None:
+            # logp_t + (w_t - 1) (logp_t - sg(logp_t)): the same value, exactly; gradient w_t.
+            lp = batch.logprobs
+            pg_batch = replace(batch, logprobs=lp + (batch.is_weights.detach() - 1.0) * (lp - lp.detach()))
+        log_ratio = (pg_batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+        pg_loss, metrics = self.policy_loss(pg_batch, log_ratio)
         metrics["pg_loss"] = pg_loss.detach()
         metrics["approx_kl"] = masked_mean(0.5 * log_ratio.square(), batch.mask)
         loss = pg_loss
@@ -158,4 +172,5 @@ def sanitize(batch: TokenBatch) -> TokenBatch:
         ref_logprobs=clean(batch.ref_logprobs),
         entropy_threshold=None if threshold is None else threshold.float().reshape(()),
         polarity=clean(batch.polarity),
+        is_weights=clean(batch.is_weights),
     )

@@ -19,6 +19,8 @@ class TokenBatch:
     rollout batch by ``loss.prepare`` over all ranks' tokens and shared by every mini-batch.
     ``polarity`` is the entropy polarity of each token (``token_logprobs(..., with_polarity=True)``),
     without grad, for losses with ``needs_polarity``.
+    ``is_weights`` are the rollout-mismatch importance weights ``w_t`` (``egspo.losses.mismatch``),
+    without grad; each token's policy-gradient term is multiplied by them (None: all 1).
     """
 
     logprobs: Tensor
@@ -29,6 +31,7 @@ class TokenBatch:
     ref_logprobs: Tensor | None = None
     entropy_threshold: Tensor | None = None
     polarity: Tensor | None = None
+    is_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mask.dim() != 2:

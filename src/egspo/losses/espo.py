@@ -26,7 +26,8 @@ class ESPOLoss(PolicyLoss):
     earlier first), the low group the other ``n_i - k_i``. For each group g:
 
     - group ratio ``s_g = exp(mean_{t in g} log r_t)`` (geometric mean of the token ratios);
-    - token ratio ``sg(s_g) * exp(logp_t - sg(logp_t))``: value ``s_g``, gradient per token;
+    - token ratio ``sg(s_g) * exp(logp_t - sg(logp_t))``: value ``s_g``, gradient per token
+      (:func:`group_token_log_ratio`, shared with GSPO);
     - symmetric clip range ``eps_g = alpha * mean_{t in g} H_t / log|V|``;
     - per-token ``PPO_t`` with that ratio and ``eps_g``, averaged over the group's tokens.
 
@@ -34,6 +35,10 @@ class ESPOLoss(PolicyLoss):
     sequences with at least one valid token. The KL term (``beta > 0``) uses
     ``seq-mean-token-mean`` to match this sequence-level averaging; that is also the loss's
     ``loss_agg_mode``, so ``aggregation_units`` counts sequences, the unit of the mean.
+
+    Against GSPO (:class:`~egspo.losses.GSPOLoss`): GSPO is the one-group case (the whole
+    response is the group, ``s_i``), with a fixed clip range (3e-4 / 4e-4) instead of
+    ``eps_g``; the token-ratio code is the same function.
 
     Args:
         high_entropy_fraction: rho in (0, 1].
@@ -100,8 +105,7 @@ class ESPOLoss(PolicyLoss):
         def per_token(per_group: Tensor) -> Tensor:  # [2, B] -> the token's group value [B, T]
             return torch.where(high, per_group[0].unsqueeze(-1), per_group[1].unsqueeze(-1))
 
-        group_log_ratio = per_token(group_mean(log_ratio.detach()))
-        token_log_ratio = group_log_ratio + batch.logprobs - batch.logprobs.detach()
+        token_log_ratio = group_token_log_ratio(log_ratio, batch.logprobs, groups)
         eps_groups = self.alpha * group_mean(batch.entropy) / math.log(self.vocab_size)
         eps = per_token(eps_groups)
         clip = clipped_objective(token_log_ratio, batch.advantages, eps, eps)
@@ -118,6 +122,22 @@ class ESPOLoss(PolicyLoss):
             eps_low_entropy_group=eps_means[1],
         )
         return loss, metrics
+
+
+def group_token_log_ratio(log_ratio: Tensor, logprobs: Tensor, groups: Tensor) -> Tensor:
+    """Log of the GSPO-token ratio ``sg(s_g) * pi_t / sg(pi_t)`` of every token, ``[B, T]``.
+
+    ``groups`` is bool ``[G, B, T]``: disjoint token groups per sequence (GSPO: one group, the
+    response; ESPO: the high- and low-entropy groups). For the group g holding token t,
+    ``log s_g = mean_{u in g} log r_u`` (the log of the geometric mean of the token ratios) and
+    the result is ``sg(log s_g) + logp_t - sg(logp_t)``: value ``log s_g``, gradient 1 wrt
+    ``logp_t``, so ``d s / d logp_t = s_g`` per token. Tokens in no group get 0.
+    """
+    counts = groups.sum(dim=-1).clamp(min=1)  # [G, B]
+    group_log = torch.where(groups, log_ratio.detach(), 0.0).sum(dim=-1) / counts  # [G, B]
+    per_token = (groups * group_log.unsqueeze(-1)).sum(dim=0)  # [B, T]; groups are disjoint
+    # sg(log s) is added last: logp - sg(logp) is exactly 0 in value, so no precision is lost.
+    return logprobs - logprobs.detach() + per_token
 
 
 def _check_vocab_size(vocab_size: int | None) -> None:

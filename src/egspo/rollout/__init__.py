@@ -5,6 +5,7 @@ from egspo.rollout.engine import Rollout, RolloutEngine, SamplingParams, complet
 from egspo.rollout.experience import Experience
 from egspo.rollout.hf_generate import HFGenerateEngine
 from egspo.rollout.shared_prefill import SharedPrefillEngine
+from egspo.rollout.vllm_engine import VLLMEngine
 
 __all__ = [
     "ContinuousBatchingEngine",
@@ -14,5 +15,6 @@ __all__ = [
     "RolloutEngine",
     "SamplingParams",
     "SharedPrefillEngine",
+    "VLLMEngine",
     "completion_mask_from_eos",
 ]

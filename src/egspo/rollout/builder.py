@@ -13,7 +13,9 @@ import torch
 from torch import Tensor
 
 from egspo.advantages import group_advantages, indexed_group_advantages
+from egspo.distributed import gather_objects
 from egspo.losses import masked_mean
+from egspo.losses.mismatch import MismatchOutput, rollout_correction
 from egspo.methods.base import RLMethod, RolloutContext, check_methods
 from egspo.model import stop_token_ids
 from egspo.rewards import RewardFunction, RewardOutput
@@ -144,14 +146,15 @@ class ExperienceBuilder:
         for method in self.methods:
             groups = method.extend(groups, sample, stats, params=params, group_size=g)
         t1 = clock(device)
-        old_logprobs, entropy, ref_logprobs = self._score(policy, groups)
+        logprobs, entropy, ref_logprobs = self._score(policy, groups)
+        mismatch = self._mismatch(groups.rollout, logprobs, stats)
         context = RolloutContext(policy, self.encoder.tokenizer, rl_iteration, g, teachers or {})
         rewards = self._shaped_rewards(groups, entropy, context, stats)
         if groups.group is None:
             advantages = group_advantages(rewards, g, scale=self.config.advantage_scale)
         else:
             advantages = indexed_group_advantages(rewards, groups.group, scale=self.config.advantage_scale)
-        excluded = self._excluded(groups, advantages)
+        excluded = self._excluded(groups, advantages, None if mismatch is None else mismatch.rejected)
         rollout = groups.rollout
         experience = Experience(
             input_ids=rollout.input_ids,
@@ -162,12 +165,13 @@ class ExperienceBuilder:
             rewards=rewards,
             truncated=rollout.truncated,
             prompt_length=rollout.prompt_length,
-            old_logprobs=old_logprobs,
+            old_logprobs=logprobs if self.needs_old_logprobs(len(groups)) else None,
             ref_logprobs=ref_logprobs,
             correct=groups.correct,
             excluded=excluded if bool(excluded.any()) else None,
             temperature=groups.temperature,
             completions=groups.completions,
+            is_weights=None if mismatch is None else mismatch.is_weights,
         )
         stats.update(groups.metrics)
         stats.update(rollout_statistics(groups, rewards, entropy, excluded))
@@ -175,10 +179,13 @@ class ExperienceBuilder:
         stats["time/generation"], stats["time/scoring"] = t1 - t0, clock(device) - t1
         return experience, stats
 
-    def _excluded(self, groups: Groups, advantages: Tensor) -> Tensor:
+    def _excluded(self, groups: Groups, advantages: Tensor, rejected: Tensor | None) -> Tensor:
         """`[N]` bool, the rows out of the loss: dynamic sampling's top-ups, truncated samples with
-        overlong filtering, and each method's exclusions; every row judged alike."""
+        overlong filtering, rows the mismatch correction rejects, and each method's exclusions;
+        every row judged alike."""
         excluded = torch.zeros_like(groups.correct) if groups.excluded is None else groups.excluded
+        if rejected is not None:
+            excluded = excluded | rejected
         if self.config.mask_truncated_completions:
             excluded = excluded | groups.rollout.truncated
         for method in self.methods:
@@ -244,8 +251,8 @@ class ExperienceBuilder:
         )
 
     def _score(self, policy: torch.nn.Module, groups: Groups) -> tuple[Tensor | None, Tensor, Tensor | None]:
-        """Old log-probs (when needed), token entropies, reference log-probs (when needed), each row
-        at the temperature it was sampled at."""
+        """Trainer log-probs (when needed or free), token entropies, reference log-probs (when
+        needed), each row at the temperature it was sampled at."""
         score = partial(
             score_rollout, policy, old=self.needs_old_logprobs(len(groups)), reference=self.reference,
             chunk_size=self.update_config.logprob_chunk_size,
@@ -266,6 +273,21 @@ class ExperienceBuilder:
                     scores[k][rows] = part.float()
         return scores[0], scores[1], scores[2]
 
+    def _mismatch(
+        self, rollout: Rollout, logprobs: Tensor | None, stats: dict[str, float]
+    ) -> MismatchOutput | None:
+        """The gap between the engine's recorded log-probs and the trainer's, and its correction
+        (`model.rollout.mismatch_correction`); None when either is unknown. The metrics go into
+        `stats` (their maximum over every process)."""
+        if rollout.logprobs is None or logprobs is None:
+            return None
+        out = rollout_correction(
+            logprobs, rollout.logprobs, rollout.completion_mask, self.config.mismatch_correction
+        )
+        for key, value in out.metrics.items():
+            stats[key] = max(gather_objects(float(value))) if key.endswith("_max") else float(value)
+        return out
+
     def state_dict(self) -> dict[str, Any]:
         return {"prompts_over_length": self.prompts_over_length}
 
@@ -282,9 +304,10 @@ def score_rollout(
     reference: Reference | None,
     chunk_size: int | None,
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
-    """`[N, C]` old log-probs (when `old`), entropies and reference log-probs (with a `reference`) of
-    the rollout's completion tokens under `softmax(logits / temperature)`. The entropies are the
-    engine's when it recorded them; otherwise they come out of the old-log-prob pass."""
+    """`[N, C]` trainer log-probs, entropies and reference log-probs (with a `reference`) of the
+    rollout's completion tokens under `softmax(logits / temperature)`. The log-probs are scored when
+    `old` asks for them or the engine recorded no entropies (which then come out of the same pass;
+    else they are the engine's), and are None otherwise."""
     p = rollout.prompt_length
     score_mask = torch.cat(
         [rollout.completion_mask.new_zeros(rollout.input_ids.shape[0], p), rollout.completion_mask], dim=1
@@ -297,16 +320,15 @@ def score_rollout(
         )  # fmt: skip
         return scores[0][:, p:], scores[1][:, p:]
 
-    old_logprobs = entropy = ref_logprobs = None
+    logprobs = entropy = ref_logprobs = None
     if old or rollout.entropy is None:
         logprobs, entropy = score(policy)
-        old_logprobs = logprobs if old else None
     if rollout.entropy is not None:
         entropy = rollout.entropy.float()
     if reference is not None:
         with reference(policy) as model:
             ref_logprobs = score(model)[0]
-    return old_logprobs, entropy, ref_logprobs
+    return logprobs, entropy, ref_logprobs
 
 
 def rollout_statistics(

@@ -24,6 +24,8 @@ class Experience:
     current one and the ratio is exactly 1. `excluded` rows (overlong filtering) stay in the
     batch for statistics but carry no loss. `temperature`, when set, is each row's sampling
     temperature (UEC-RL samples hard prompts hotter): its log-probs are scored at it.
+    `is_weights` are the truncated importance weights of an engine whose log-probs are not the
+    trainer's (`egspo.losses.mismatch`): each token's policy-gradient term is multiplied by them.
     """
 
     input_ids: Tensor  # [N, P + C]
@@ -39,6 +41,7 @@ class Experience:
     correct: Tensor | None = None  # [N] bool: right final answer
     excluded: Tensor | None = None  # [N] bool: rows left out of the loss
     temperature: Tensor | None = None  # [N] sampling temperature per row (None: the rollout's)
+    is_weights: Tensor | None = None  # [N, C] rollout-mismatch importance weights (None: all 1)
     completions: list[str] | None = None  # decoded, for diagnostics
 
     def __len__(self) -> int:
