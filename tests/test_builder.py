@@ -1,5 +1,6 @@
-"""DAPO's sample-level techniques, available to every loss: dynamic sampling, overlong filtering,
-soft overlong punishment."""
+"""The ExperienceBuilder: DAPO's sample-level techniques (dynamic sampling, overlong filtering, soft
+overlong punishment), when it scores old log-probs, and how it corrects an engine whose log-probs
+are not the trainer's."""
 
 from __future__ import annotations
 
@@ -124,3 +125,52 @@ def test_soft_overlong_punishment_enters_the_reward_and_the_advantages(policy, t
     torch.testing.assert_close(experience.rewards, expected)  # the verifiable reward is 0 here
     assert stats["reward/overlong_penalty"] == pytest.approx(float(expected.mean()))
     assert experience.correct.sum() == 0  # shaping never changes what counts as correct
+
+
+class OffsetLogprobs(SharedPrefillEngine):
+    """The real engine, reporting every sampled token's log-prob `offset` nats off the trainer's: the
+    behaviour of a sampler with other kernels (vLLM), made exact so that the correction can be checked."""
+
+    scores_what_it_samples = False
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def generate(self, model, input_ids, attention_mask, params):
+        rollout = super().generate(model, input_ids, attention_mask, params)
+        rollout.logprobs = (rollout.logprobs - self.offset) * rollout.completion_mask
+        rollout.entropy = None  # like vLLM: entropies come from the trainer's scoring pass
+        return rollout
+
+
+@pytest.mark.parametrize("offset", [0.1, 1.0])
+def test_a_sampler_whose_logprobs_differ_is_measured_and_corrected(policy, tiny_tokenizer, offset):
+    """delta = logp_trainer - log mu = offset on every token: weights min(e^offset, 2), and rows whose
+    geometric-mean ratio e^offset leaves [1/1.05, 1.05] are out of the loss."""
+    builder = ExperienceBuilder(
+        PromptEncoder(tiny_tokenizer, PromptConfig()),
+        AnswerKeyedReward(),
+        RolloutConfig(engine=OffsetLogprobs(offset), num_generations=G, max_completion_length=6),
+        UpdateConfig(),
+        pad_token_id=tiny_tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    experience, stats = builder.build(policy, ["What is 1 + 2?", "What is 3 + 4?"], ["varied", "varied"])
+    assert experience.old_logprobs is None  # one optimizer step: the update's own log-probs are the old ones
+    valid = experience.completion_mask.bool()
+    expected = min(torch.tensor(offset).exp().item(), 2.0)
+    torch.testing.assert_close(
+        experience.is_weights[valid], torch.full_like(experience.is_weights[valid], expected)
+    )
+    assert bool((experience.is_weights[~valid] == 1).all())
+    assert bool(experience.excluded.all())  # e^offset > 1.05: every row is a gross mismatch
+    assert stats["mismatch/logprob_abs_diff_mean"] == pytest.approx(offset, abs=1e-5)
+    assert stats["mismatch/rs_rejected_frac"] == 1.0
+
+
+def test_engines_that_score_what_they_sample_get_no_weights(policy, tiny_tokenizer):
+    builder = _builder(policy, tiny_tokenizer)
+    torch.manual_seed(0)
+    experience, stats = builder.build(policy, ["What is 1 + 2?"], ["varied"])
+    assert experience.is_weights is None and not any(k.startswith("mismatch/") for k in stats)
