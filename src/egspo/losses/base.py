@@ -128,7 +128,7 @@ class PolicyLoss:
             lp = batch.logprobs
             pg_batch = replace(batch, logprobs=lp + (batch.is_weights.detach() - 1.0) * (lp - lp.detach()))
         log_ratio = (pg_batch.logprobs - batch.old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-        pg_loss, metrics = self.policy_loss(pg_batch, log_ratio)
+        pg_loss, metrics = self.policy_term(pg_batch, log_ratio)
         metrics["pg_loss"] = pg_loss.detach()
         metrics["approx_kl"] = masked_mean(0.5 * log_ratio.square(), batch.mask)
         loss = pg_loss
@@ -139,7 +139,7 @@ class PolicyLoss:
             loss = loss + self.beta * kl_loss
         return LossOutput(loss=loss, metrics=metrics)
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Policy term and its metrics, from a sanitised batch and ``log r = logp - old_logp``."""
         raise NotImplementedError
 

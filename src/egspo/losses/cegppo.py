@@ -52,7 +52,7 @@ class CEGPPOLoss(ClippedPolicyLoss):
         self.beta_low = beta_low
         self.beta_high = beta_high
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         advantages = batch.advantages
         clip = self.clip(log_ratio, advantages)
         unit = torch.exp(log_ratio - log_ratio.detach())  # r / sg(r): value 1, d/dlogp = 1

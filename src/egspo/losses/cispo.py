@@ -65,7 +65,7 @@ class CISPOLoss(PolicyLoss):
         self.clip_low = clip_low
         self.clip_high = clip_high
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         ratio = torch.exp(log_ratio.detach())
         upper = 1.0 + self.clip_high
         lower = 0.0 if self.clip_low is None else 1.0 - self.clip_low

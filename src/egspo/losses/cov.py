@@ -174,7 +174,7 @@ class ClipCovLoss(CovariancePolicyLoss):
         if "generator" in state:
             self.generator.set_state(state["generator"].to("cpu", torch.uint8))
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         cov = self.covariance(batch)
         valid = batch.mask > 0
         clip = clipped_objective(log_ratio, batch.advantages, self.clip_low, self.clip_high, self.dual_clip)
@@ -239,7 +239,7 @@ class KLCovLoss(CovariancePolicyLoss):
         k = min(max(1, int(self.kl_cov_ratio * n)), n)
         self.cov_threshold = float(torch.topk(covariance, k).values[-1])
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         cov = self.covariance(batch)
         selected = (batch.mask > 0) & (cov >= self.cov_threshold)
         ratio = torch.exp(log_ratio)

@@ -56,7 +56,7 @@ class EGSPOLoss(ClippedPolicyLoss):
         """The gate threshold over the rollout batch's valid-token entropies (1-D, all ranks)."""
         return self.gate.threshold(entropy)
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         _check_low_entropy_weight(self.low_entropy_weight)
         if batch.entropy_threshold is None:
             raise ValueError(

@@ -88,7 +88,7 @@ class ESPOLoss(PolicyLoss):
         rank = torch.empty_like(order).scatter_(-1, order, positions)
         return valid & (rank < k.unsqueeze(-1))
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         if self.vocab_size is None:
             raise ValueError("ESPOLoss.vocab_size is None: set it, or call loss.setup(vocab_size=..., ...)")
         _check_vocab_size(self.vocab_size)

@@ -55,7 +55,7 @@ class GSPOLoss(ClippedPolicyLoss):
     ) -> None:
         super().__init__(clip_low=clip_low, clip_high=clip_high, loss_agg_mode=loss_agg_mode, **kwargs)
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         valid = batch.mask > 0
         token_log_ratio = group_token_log_ratio(log_ratio, batch.logprobs, valid.unsqueeze(0))
         clip = self.clip(token_log_ratio, batch.advantages)

@@ -136,7 +136,7 @@ class PAPOLoss(ClippedPolicyLoss):
         for name, value in state.items():
             setattr(self, name, None if value is None else float(value))
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         predicted = -batch.advantages * batch.polarity.detach()  # dH_t / eta, to first order
         expand, contract = predicted > 0, predicted < 0
         w_expand, w_contract = 1.0 + self.balance, 1.0 - self.balance

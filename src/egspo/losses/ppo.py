@@ -129,6 +129,6 @@ class PPOClipLoss(ClippedPolicyLoss):
     ``pg_loss``, ``approx_kl`` (+ ``kl`` when ``beta > 0``).
     """
 
-    def policy_loss(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def policy_term(self, batch: TokenBatch, log_ratio: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         clip = self.clip(log_ratio, batch.advantages)
         return self.aggregate(-clip.objective, batch.mask), clip_metrics(clip, batch.mask)
