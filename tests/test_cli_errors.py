@@ -19,17 +19,26 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import tiny_qwen2_json
+from safetensors.torch import save_file
+from tiny_model import tiny_qwen2, tiny_qwen2_json
 
 # Imported here, not in the tests: Lightning's log handler binds to the stderr of the moment it is
 # imported, and a test's captured stderr is closed once that test ends.
-from egspo.cli import DEBUG_HINT, main, run
+from egspo.cli import DEBUG_HINT, MAX_LINE, _one_line, clip, main, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
-# RL prompts from a file instead of the synthetic task (placeholders: see `_expand`).
-PROMPTS = ["--data.synthetic=null", "--data.expert_per_step=0", "--data.prompts_per_step=2"]
+# RL prompts from a file instead of the synthetic task, no warm-up (placeholders: see `_expand`).
+PROMPTS = [
+    "--data.synthetic=null",
+    "--data.expert_per_step=0",
+    "--data.prompts_per_step=2",
+    "--model.sft_iterations=0",
+]
+# A model from a folder, with the locally built tokenizer.
+FOLDER_MODEL = ("--model.policy.config=null", "--model.policy.tokenizer=synthetic")
+GPT2 = json.dumps({"model_type": "gpt2", "n_positions": 128, "n_embd": 32, "n_layer": 1, "n_head": 2})
 
 
 @dataclass(frozen=True)
@@ -42,6 +51,7 @@ class Case:
     args: tuple[str, ...]
     message: str
     loads: str = "nothing"
+    env: tuple[tuple[str, str | None], ...] = ()  # (name, value); None unsets it
 
 
 CASES = [
@@ -100,9 +110,8 @@ CASES = [
             "--model.policy.tokenizer=null",
         ),
         "model.policy.name_or_path=egspo-tests/not-cached: not a local folder, not in the Hugging Face cache, "
-        "and the hub cannot be reached (offline); pass a local path, download it beforehand, or, with "
-        "network, unset HF_HUB_OFFLINE",
-        "tokenizer",
+        "and HF_HUB_OFFLINE=1 forbids downloads; check the name, pass a local path, or download it "
+        "beforehand (unset HF_HUB_OFFLINE to let egspo download it)",
     ),
     Case(
         "policy_dtype",
@@ -191,7 +200,7 @@ CASES = [
     ),
     Case(
         "gate_value_out_of_range",
-        ("--model.policy_loss.init_args.gate.value=1.5",),
+        ("--model.policy_loss.init_args.gate.value=1.5", "--trainer.callbacks=[]"),  # no GateScheduler
         "model.policy_loss.init_args.gate.value=1.5: the quantile gate takes a value in [0, 1]",
     ),
     Case(
@@ -255,6 +264,189 @@ CASES = [
     ),
 ]
 
+# Issue 20's classes: inputs that ended in a traceback, failed late, were accepted silently, or
+# gave an unhelpful line. One class per block; README "When an input is wrong" lists them.
+WEIGHT_FILES = (
+    "model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json"
+)
+TOKENIZER_FILES = "tokenizer.json, tokenizer_config.json, vocab.json, tokenizer.model, vocab.txt"
+CASES += [
+    # --- a model or tokenizer folder that cannot be loaded (was: a traceback) -----------------
+    Case(
+        "model_folder_without_weights",
+        (*FOLDER_MODEL, "--model.policy.name_or_path=TMP/noweights"),
+        f"model.policy.name_or_path=TMP/noweights: no weights in this folder (none of {WEIGHT_FILES})",
+    ),
+    Case(
+        "model_folder_corrupt_safetensors",
+        (*FOLDER_MODEL, "--model.policy.name_or_path=TMP/corrupt"),
+        "model.policy.name_or_path=TMP/corrupt: model.safetensors: not a safetensors file, or truncated "
+        "(its header does not fit in the file)",
+    ),
+    Case(
+        "model_folder_missing_shard",
+        (*FOLDER_MODEL, "--model.policy.name_or_path=TMP/sharded"),
+        "model.policy.name_or_path=TMP/sharded: model.safetensors.index.json lists "
+        "model-00002-of-00002.safetensors, which is missing (1 of 2 files missing)",
+    ),
+    Case(
+        "model_folder_without_config",
+        (*FOLDER_MODEL, "--model.policy.name_or_path=TMP/folder"),
+        "model.policy.name_or_path=TMP/folder: no config.json in this folder (not a saved Hugging Face model)",
+    ),
+    Case(
+        "model_path_is_a_file",
+        (*FOLDER_MODEL, "--model.policy.name_or_path=TMP/noweights/config.json"),
+        "model.policy.name_or_path=TMP/noweights/config.json: a file; give the model's folder "
+        "(as written by save_pretrained)",
+    ),
+    Case(
+        "tokenizer_path_is_a_file",
+        ("--model.policy.tokenizer=TMP/tok.txt",),
+        "model.policy.tokenizer=TMP/tok.txt: a file; give the tokenizer's folder (as written by save_pretrained)",
+    ),
+    Case(
+        "tokenizer_folder_without_tokenizer",
+        ("--model.policy.tokenizer=TMP/folder",),
+        f"model.policy.tokenizer=TMP/folder: holds no tokenizer (none of {TOKENIZER_FILES})",
+    ),
+    Case(
+        "model_folder_without_tokenizer",
+        (
+            "--model.policy.config=null",
+            "--model.policy.tokenizer=null",
+            "--model.policy.name_or_path=TMP/notok",
+        ),
+        f"model.policy.name_or_path=TMP/notok: holds no tokenizer ({TOKENIZER_FILES}); give model.policy.tokenizer",
+    ),
+    # --- a hub id that is neither cached nor downloadable (was: 23 s of retries, a wrong hint) --
+    Case(
+        "hub_id_without_network",
+        ("--model.policy.config=null", "--model.policy.name_or_path=egspo-tests/not-cached"),
+        "model.policy.name_or_path=egspo-tests/not-cached: not a local folder, not in the Hugging Face cache, "
+        "and the hub (127.0.0.1) does not answer (no network?); check the name, or pass a local path",
+        env=(("HF_HUB_OFFLINE", None), ("HF_ENDPOINT", "http://127.0.0.1:9")),
+    ),
+    # --- Trainer options the machine or the other options cannot honour (was: a traceback) -----
+    *(
+        []
+        if torch.cuda.is_available()
+        else [
+            Case(
+                "gpu_asked_none_present",
+                ("--trainer.accelerator=gpu",),
+                "trainer.accelerator=gpu: no CUDA GPU is visible here; use --trainer.accelerator=cpu",
+            )
+        ]
+    ),
+    Case(
+        "checkpointing_off_beside_a_checkpoint_callback",
+        ("--trainer.enable_checkpointing=false",),
+        "trainer.enable_checkpointing=false, but trainer.callbacks[3] (IterationCheckpoint) saves "
+        "checkpoints; remove one of the two",
+    ),
+    Case(
+        "trainer_misconfiguration",
+        ("--trainer.devices=0",),
+        "trainer: `Trainer(devices='0')` value is not a valid input using cpu accelerator.",
+        "tokenizer",
+    ),
+    # --- a phase with nothing to draw from (was: a crash after the model loaded, or after SFT) -
+    Case(
+        "warmup_without_demonstrations_per_step",
+        ("--data.expert_per_step=0",),
+        "data.expert_per_step=0: the SFT warm-up (model.sft_iterations=300) trains on demonstrations; "
+        "give >= 1, or set model.sft_iterations=0",
+    ),
+    Case(
+        "rl_without_prompts_per_step",
+        ("--data.prompts_per_step=0",),
+        "data.prompts_per_step=0: the RL phase (model.rl_iterations=100) samples answers to prompts; "
+        "give >= 1, or set model.rl_iterations=0",
+    ),
+    Case(
+        "sft_mixing_without_demonstrations",
+        ("--model.sft_iterations=0", "--data.expert_per_step=0", "--model.mu=0.1"),
+        "data.expert_per_step=0: model.mu mixes SFT into the RL phase, which needs demonstrations; "
+        "give >= 1, or set model.mu=0",
+    ),
+    Case(
+        "demonstrations_per_step_without_expert_data",
+        ("--data.synthetic=null", "--data.prompts.path=TMP/golds.jsonl", "--model.sft_iterations=0"),
+        "data.expert_per_step=64: no demonstrations to draw from; give data.expert, or set data.expert_per_step=0",
+    ),
+    # --- values accepted silently (was: test[:-5] evaluated) ---------------------------------
+    Case(
+        "eval_size_negative",
+        ("--data.eval_size=-5",),
+        "data.eval_size=-5: must be >= 1 (or null: the whole of each eval set)",
+    ),
+    Case(
+        "eval_size_0",
+        ("--data.eval_size=0",),
+        "data.eval_size=0: must be >= 1 (or null: the whole of each eval set)",
+    ),
+    # --- sequences longer than a learned position table (was: a crash mid-RL) ----------------
+    Case(
+        "completion_beyond_learned_positions",
+        (f"--model.policy.config={GPT2}",),
+        "model.prompt.max_prompt_length + model.rollout.max_completion_length = 160 exceeds the model's "
+        "max_position_embeddings (128): the model learned one embedding per position and has none past 128; "
+        "shorten them",
+    ),
+    Case(
+        "eval_completion_beyond_learned_positions",
+        (
+            f"--model.policy.config={GPT2}",
+            "--model.prompt.max_prompt_length=64",
+            "--model.evaluation.max_completion_length=100",
+        ),
+        "model.prompt.max_prompt_length + model.evaluation.max_completion_length = 164 exceeds the model's "
+        "max_position_embeddings (128): the model learned one embedding per position and has none past 128; "
+        "shorten them",
+    ),
+    # --- a class's own check of its options (was: jsonargparse's dump of the option's union) --
+    Case(
+        "reward_num_workers_0",
+        ("--model.reward.init_args.num_workers=0",),
+        "model.reward.init_args.num_workers=0: must be >= 1 (worker processes)",
+    ),
+    Case(
+        "reward_option_refused_by_its_class",
+        ("--model.reward.init_args.rel_tol=2",),
+        "model.reward (egspo.rewards.MathReward): rel_tol must be in [0, 1), got 2.0",
+    ),
+    Case(
+        "loss_option_refused_by_its_class",
+        ("--model.policy_loss.init_args.clip_low=-1",),
+        "model.policy_loss (egspo.losses.EGSPOLoss): clip_low must be in [0, 1), got -1.0",
+    ),
+    Case(
+        "reward_option_wrong_type",
+        ("--model.reward.init_args.num_workers=two",),
+        "model.reward.num_workers=two: expected int",
+    ),
+    # --- a model type transformers does not know (was: a 12.8 KB line) -----------------------
+    Case(
+        "unknown_model_type",
+        ('--model.policy.config={"model_type": "zzyzx"}',),
+        "model.policy.config.model_type=zzyzx: not a model type transformers knows (e.g. qwen2, llama, gpt2)",
+    ),
+    # --- bytes that are not UTF-8 (was: no file, no line) -------------------------------------
+    Case(
+        "jsonl_not_utf8",
+        (*PROMPTS, "--data.prompts.path=TMP/latin1.jsonl"),
+        "TMP/latin1.jsonl:2: not UTF-8 (byte 0xe9 at column 16); save the file as UTF-8",
+        "tokenizer",
+    ),
+    Case(
+        "json_not_utf8",
+        (*PROMPTS, "--data.prompts.path=TMP/latin1.json"),
+        "TMP/latin1.json:2: not UTF-8 (byte 0xe9 at column 17); save the file as UTF-8",
+        "tokenizer",
+    ),
+]
+
 
 def _expand(text: str, tmp: Path, checkpoint_dir: Path | None) -> str:
     text = text.replace("TMP", str(tmp))
@@ -277,6 +469,24 @@ def _write_inputs(tmp: Path) -> None:
     torch.save({"state_dict": {"weight": torch.zeros(2)}}, tmp / "plain.pt")
     (tmp / "bad.yaml").write_text("model:\n  rl_iterations: [1\n")
     (tmp / "typo.yaml").write_text("modle:\n  rl_iterations: 3\n")
+    # model and tokenizer folders
+    config = json.dumps(tiny_qwen2(vocab_size=512))
+    for name in ("noweights", "corrupt", "sharded", "notok"):
+        (tmp / name).mkdir()
+        (tmp / name / "config.json").write_text(config)
+    (tmp / "corrupt" / "model.safetensors").write_bytes(b"\x00" * 100)
+    save_file({"w": torch.zeros(4)}, tmp / "notok" / "model.safetensors")
+    save_file({"w": torch.zeros(4)}, tmp / "sharded" / "model-00001-of-00002.safetensors")
+    shards = {"w": "model-00001-of-00002.safetensors", "v": "model-00002-of-00002.safetensors"}
+    (tmp / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    (tmp / "tok.txt").write_text("hello")
+    # a Latin-1 byte (0xe9, "é") on line 2
+    (tmp / "latin1.jsonl").write_bytes(
+        (json.dumps(rows[0]) + "\n").encode() + b'{"prompt": "caf\xe9?", "answer": "4"}\n'
+    )
+    (tmp / "latin1.json").write_bytes(
+        b"[" + json.dumps(rows[0]).encode() + b',\n {"prompt": "caf\xe9?", "answer": "4"}]'
+    )
 
 
 @pytest.fixture
@@ -339,8 +549,13 @@ def trained(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_one_line_naming_it(case, tmp_path, capsys, refuse_loading, request):
+def test_bad_input_is_one_line_naming_it(case, tmp_path, capsys, refuse_loading, request, monkeypatch):
     _write_inputs(tmp_path)
+    for name, value in case.env:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
     uses_checkpoint = any("CKPT" in a for a in case.args)
     checkpoint_dir = request.getfixturevalue("trained") if uses_checkpoint else None
     args = [_expand(a, tmp_path, checkpoint_dir) for a in case.args]
@@ -353,6 +568,7 @@ def test_bad_input_is_one_line_naming_it(case, tmp_path, capsys, refuse_loading,
     err = capsys.readouterr().err
     line = f"error: {_expand(case.message, tmp_path, checkpoint_dir)}"
     assert err.splitlines() in ([line], [line, DEBUG_HINT]), err  # so: no traceback, no usage text
+    assert len(line) <= len("error: ") + MAX_LINE
     assert not (root / "checkpoints").exists()  # nothing trained, nothing saved
 
 
@@ -449,3 +665,92 @@ def test_resume_with_a_new_loss_uses_the_new_loss(trained, tmp_path, monkeypatch
     assert cli.model.iteration == 3
     assert type(cli.model.policy_loss) is PPOClipLoss
     assert calls and set(calls) == {"PPOClipLoss"}  # the one new RL iteration used the new loss
+
+
+# --- issue 20's classes that need more than one bad option -----------------------------------
+def test_predict_is_not_offered(capsys):
+    """`predict` needs a `forward` returning predictions; the CLI offers fit, validate, test (and export)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", "--config", DEMO])
+    assert exit_info.value.code == 2
+    line = "error: predict: no such subcommand (choose from fit, validate, test, export)"
+    assert capsys.readouterr().err.splitlines() == [line, DEBUG_HINT]
+
+
+def test_truncated_safetensors_is_named_before_loading(tmp_path, capsys, refuse_loading):
+    """A real saved model whose weights file lost its tail (an interrupted copy)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "model"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(**tiny_qwen2(vocab_size=512))).save_pretrained(
+        folder
+    )
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) - 1000])
+    refuse_loading(tokenizer=True, model=True)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", DEMO, *FOLDER_MODEL, f"--model.policy.name_or_path={folder}"])
+    assert exit_info.value.code == 2
+    line = (
+        f"error: model.policy.name_or_path={folder}: model.safetensors: truncated "
+        f"({len(whole) - 1000} bytes, its tensors need {len(whole)})"
+    )
+    assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_hub_id_without_network_fails_within_seconds(monkeypatch, capsys, refuse_loading):
+    """No retries, no resolver waits: the check gives up after one bounded probe."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://egspo-tests.invalid")  # a name no resolver knows
+    refuse_loading(tokenizer=True, model=True)
+    start = time.monotonic()
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", DEMO, "--model.policy.config=null", "--model.policy.name_or_path=gpt2x"])
+    assert time.monotonic() - start < 6.0
+    err = capsys.readouterr().err
+    assert "error: model.policy.name_or_path=gpt2x: not a local folder, not in the Hugging Face cache" in err
+    assert "HF_HUB_OFFLINE" not in err  # it was not set: no hint to unset it
+
+
+def test_rotary_positions_beyond_the_config_are_one_warning(tmp_path, capsys):
+    """RoPE defines every position, so a longer sequence runs; it deserves a word, not a refusal."""
+    cli = run(
+        [
+            "fit",
+            "--config",
+            DEMO,
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--model.policy.config={tiny_qwen2_json(max_position_embeddings=128)}",
+        ],
+        run=False,
+    )
+    assert cli.model is not None
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: model.prompt.max_prompt_length + model.rollout.max_completion_length = 160 exceeds the "
+        "model's max_position_embeddings (128): its rotary positions go on past it, but the model never "
+        "saw such lengths in training"
+    ]
+
+
+def test_long_messages_are_cut_to_one_short_line():
+    text = "Unrecognized model identifier: x. Should contain one of " + ", ".join(["name"] * 3000)
+    line = clip(text)
+    assert len(line) <= MAX_LINE and line.endswith("... (cut; --debug shows all)")
+    assert line.startswith("Unrecognized model identifier: x.")
+    assert clip("short") == "short"
+
+
+def test_a_constructor_refusal_inside_a_union_is_its_reason():
+    """jsonargparse's message when an option typed `SomeClass | None` fails in the constructor."""
+    message = (
+        "Does not validate against any of the Union subtypes\nSubtypes: [<class 'egspo.rewards.base."
+        "RewardFunction'>, <class 'NoneType'>]\nErrors:\n  - timeout_seconds must be > 0, got -1.0\n  - "
+        "Expected a <class 'NoneType'>\nGiven value type: <class 'jsonargparse._namespace.Namespace'>\n"
+        "Given value: Namespace(class_path='egspo.rewards.MathReward', init_args=Namespace(timeout_seconds=-1.0))"
+    )
+    assert _one_line(ValueError(message)) == "egspo.rewards.MathReward: timeout_seconds must be > 0, got -1.0"

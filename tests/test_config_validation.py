@@ -66,6 +66,7 @@ def _fit_error(capsys, *args: str) -> str:
                 "--data.synthetic=null",
                 "--data.prompts.path=/no/such/prompts.jsonl",
                 "--data.expert_per_step=0",
+                "--model.sft_iterations=0",
             ],
             "error: data.prompts.path=/no/such/prompts.jsonl: file not found\n",
         ),
@@ -115,7 +116,7 @@ def test_unknown_loss_class_is_rejected_by_the_parser(capsys, no_model):
 def test_hub_dataset_ids_are_not_mistaken_for_missing_files():
     config = {
         "model": {"rollout": {"num_generations": 4}, "rl_iterations": 1},
-        "data": {"prompts": {"path": "openai/gsm8k"}},
+        "data": {"prompts": {"path": "openai/gsm8k"}, "expert_per_step": 0},
     }
     assert validate_fit_config(config) == []
 

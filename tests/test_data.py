@@ -1,6 +1,7 @@
 """Record loading, prompt formatting and the HybridDataModule."""
 
 import json
+import re
 import time
 
 import jsonargparse
@@ -112,6 +113,48 @@ def test_malformed_line_names_file_and_line(tmp_path):
         load_examples(str(path))
 
 
+@pytest.mark.parametrize(
+    ("name", "content", "where"),
+    [
+        # Latin-1 "é" (0xe9) on line 2, after 15 characters of that line
+        (
+            "latin1.jsonl",
+            b'{"prompt": "a", "answer": "1"}\n{"prompt": "caf\xe9", "answer": "2"}\n',
+            "2: not UTF-8 (byte 0xe9 at column 16)",
+        ),
+        # the character count, not the byte count: "ü" is two bytes of UTF-8
+        (
+            "after_utf8.jsonl",
+            '{"prompt": "\u00fc'.encode() + b'\xff", "answer": "1"}\n',
+            "1: not UTF-8 (byte 0xff at column 14)",
+        ),
+        (
+            "latin1.json",
+            b'[{"prompt": "a", "answer": "1"},\n {"prompt": "\xe9", "answer": "2"}]',
+            "2: not UTF-8 (byte 0xe9 at column 14)",
+        ),
+    ],
+)
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path, name, content, where):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=re.escape(f"{name}:{where}; save the file as UTF-8") + "$"):
+        load_examples(str(path))
+
+
+def test_a_byte_order_mark_is_read_as_utf8(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "a", "answer": "1"}\n')
+    assert load_examples(str(path))[0].prompt == "a"
+
+
+def test_unreadable_parquet_names_the_file(tmp_path):
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(DataError, match=r"junk\.parquet: not a readable parquet file"):
+        load_examples(str(path))
+
+
 def test_missing_field_names_file_line_and_field(tmp_path):
     path = write_jsonl(tmp_path / "miss.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b"}])
     with pytest.raises(DataError, match=r"miss\.jsonl:2: answer: missing$"):
@@ -145,8 +188,12 @@ def test_missing_file_and_offline_hub(tmp_path):
     with pytest.raises(DataError, match="file not found"):
         load_examples(str(tmp_path / "nope.jsonl"))
     start = time.perf_counter()
-    with pytest.raises(DataError, match=r"Pass a local \.jsonl/\.json/\.parquet path"):
+    with pytest.raises(
+        DataError, match=r"; HF_HUB_OFFLINE( and HF_DATASETS_OFFLINE)? forbids? downloads;"
+    ) as info:
         load_examples("someone/some-dataset-that-is-not-cached", split="train")
+    assert str(info.value).startswith("someone/some-dataset-that-is-not-cached: cannot load this hub dataset")
+    assert str(info.value).endswith("check the name, or pass a local .jsonl/.json/.parquet path")
     assert time.perf_counter() - start < 30  # offline mode fails without network retries
 
 
@@ -298,7 +345,7 @@ def test_real_data_module(gsm8k_train_path, gsm8k_test_path, math500_path):
 
 
 def test_datamodule_errors(tmp_path):
-    with pytest.raises(ValueError, match="either synthetic or expert/prompts"):
+    with pytest.raises(ValueError, match=r"either the synthetic task or data\.expert/data\.prompts"):
         HybridDataModule(synthetic=SyntheticArithmetic(), prompts=DataSource("x.jsonl"))
     with pytest.raises(ValueError, match="no training data"):
         HybridDataModule()
@@ -307,12 +354,41 @@ def test_datamodule_errors(tmp_path):
     dm.rank, dm.world_size = 0, 2
     with pytest.raises(DataError, match="5 records, fewer than 3 per step x 2 processes"):
         dm.train_dataset()
-    dm = HybridDataModule(expert=DataSource(str(small)), expert_per_step=1, prompts_per_step=0)
+    dm = HybridDataModule(
+        expert=DataSource(str(small)),
+        expert_per_step=1,
+        prompts_per_step=0,
+        sft_iterations=1,
+        rl_iterations=0,
+    )
     with pytest.raises(DataError, match="without a response"):
         dm.setup()
-    dm = HybridDataModule(prompts=DataSource(str(small)), expert_per_step=2)
-    with pytest.raises(DataError, match="no expert data"):
-        dm.setup()
+    with pytest.raises(ValueError, match=r"data\.expert_per_step=2: no demonstrations to draw from"):
+        HybridDataModule(prompts=DataSource(str(small)), expert_per_step=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"sft_iterations": 3, "expert_per_step": 0}, "data.expert_per_step=0: the SFT warm-up"),
+        ({"rl_iterations": 3, "prompts_per_step": 0}, "data.prompts_per_step=0: the RL phase"),
+        ({"expert_per_step": -1}, "data.expert_per_step=-1: must be >= 0"),
+        ({"eval_size": -5}, "data.eval_size=-5: must be >= 1"),
+        ({"eval_size": 0}, "data.eval_size=0: must be >= 1"),
+        ({"eval_batch_size": 0}, "data.eval_batch_size=0: must be >= 1"),
+    ],
+)
+def test_a_phase_with_nothing_to_draw_is_refused_when_built(options, message):
+    """A draw of 0 for a phase that runs would fail only when the phase starts (after the model
+    loads, or after the whole warm-up): refused when the data module is built."""
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        make_synthetic_dm(**options)
+
+
+def test_eval_size_keeps_that_many(tmp_path):
+    dm = make_synthetic_dm(eval_size=7)
+    dm.setup()
+    assert len(dm.eval_examples["synthetic"]) == 7
 
 
 def test_jsonargparse_builds_datamodule_from_config():

@@ -11,20 +11,34 @@ whatever the config alone decides is checked before any model loads. `--debug` (
 
 from __future__ import annotations
 
-import itertools
 import os
+
+# OpenMP's idle threads wait for the next parallel region by spinning (libgomp: about 3 ms,
+# GOMP_SPINCOUNT=300000, before they sleep). On a machine whose cores other processes also
+# want, e.g. a laptop doing other things, or the reward's verifier processes beside the
+# trainer, a spinning thread holds a core the others need, and the thread it waits for waits
+# for that core: the demo ran 3.1x slower beside one busy process on 2 cores, against 1.4x with
+# PASSIVE waiting (threads sleep at once; README "On a busy machine", scripts/bench_threads.py).
+# Set before torch loads its OpenMP runtime (which reads it once), and only when the user has
+# chosen no waiting policy; PASSIVE is read by GNU (libgomp) and Intel (libiomp) OpenMP alike.
+# Child processes (the verifier workers) inherit it.
+if not any(knob in os.environ for knob in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import itertools
 import re
 import sys
 from pathlib import Path
 
 import yaml
 from jsonargparse import ArgumentError, Namespace
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from egspo.callbacks.checkpointing import LAST, IterationCheckpoint
 from egspo.data import HybridDataModule
 from egspo.module import HybridRLModule
-from egspo.validation import check_checkpoint, validate_fit_config
+from egspo.validation import check_checkpoint, check_machine, union_reason, validate_fit_config
 
 TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
@@ -43,6 +57,12 @@ class EGSPOCLI(LightningCLI):
     """LightningCLI with the data's phases tied to the module's, checks before any model loads,
     an `IterationCheckpoint` unless the config names its own, and `--ckpt_path last` resolved."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, validate and test: `predict` needs a `forward` that returns predictions, which an
+        RL module has no use for (Lightning's own CLI would offer it, then fail with a traceback)."""
+        return {name: keys for name, keys in LightningCLI.subcommands().items() if name in SUBCOMMANDS}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for phase in ("sft_iterations", "rl_iterations"):
             target = f"data.init_args.{phase}" if self.subclass_mode_data else f"data.{phase}"
@@ -55,7 +75,7 @@ class EGSPOCLI(LightningCLI):
         `--ckpt_path` is checked here (memory-mapped) and handed to the trainer only in
         `before_instantiate_classes`: between the two, LightningCLI would `torch.load` the whole
         checkpoint, weights and optimizer state on every process, to read hyperparameters egspo
-        never stores (the config and command line win; `egspo.module.check_resume` rejects a
+        never stores (the config and command line win; `egspo.resume.check_resume` rejects a
         checkpoint the run cannot continue from), and a junk file would fail there with a raw
         unpickling traceback.
         """
@@ -67,9 +87,12 @@ class EGSPOCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         if subcommand in (None, "fit"):
-            errors = validate_fit_config(config)
+            warnings: list[str] = []
+            errors = validate_fit_config(config, warnings) + check_machine(config)
             if errors:
                 _fail(*errors)
+            for line in warnings:
+                sys.stderr.write(f"warning: {line}\n")
             _set_phase_epochs(config)
             _add_checkpoint_callback(config)
         self.ckpt_path: str | None = None
@@ -153,28 +176,51 @@ def main(args: list[str] | None = None) -> EGSPOCLI | Path | None:
     except ArgumentError as error:
         if debug:
             raise
-        sys.stderr.write(f"error: {argument_error_line(str(error), args)}\n{DEBUG_HINT}\n")
+        sys.stderr.write(f"error: {clip(argument_error_line(str(error), args))}\n{DEBUG_HINT}\n")
         raise SystemExit(2) from None
-    except (ValueError, OSError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError, MisconfigurationException) as error:
         if debug or not _is_user_error(error):
             raise
-        sys.stderr.write(f"error: {_one_line(error)}\n{DEBUG_HINT}\n")
+        sys.stderr.write(f"error: {clip(_one_line(error))}\n{DEBUG_HINT}\n")
         raise SystemExit(2) from None
 
 
 def _is_user_error(error: BaseException) -> bool:
-    """Errors about inputs the user gave (options, files, data, model ids), not bugs."""
+    """Errors about inputs the user gave (options, files, data, model ids, the Trainer's
+    options: Lightning's MisconfigurationException), not bugs."""
     from egspo.data.records import DataError
     from egspo.model import HubUnreachableError
     from egspo.update import NonFiniteLossError
 
     return isinstance(
-        error, (ValueError, DataError, HubUnreachableError, FileNotFoundError, NonFiniteLossError)
+        error,
+        (
+            ValueError,
+            DataError,
+            HubUnreachableError,
+            FileNotFoundError,
+            NonFiniteLossError,
+            MisconfigurationException,
+        ),
     )
+
+
+# One error line at most this long: some libraries put whole lists in a message (transformers
+# names every model type it knows); the full text is one `--debug` away.
+MAX_LINE = 400
+
+
+def clip(line: str, limit: int = MAX_LINE) -> str:
+    """`line` cut to `limit` characters, saying so."""
+    return line if len(line) <= limit else line[: limit - 40].rstrip() + " ... (cut; --debug shows all)"
 
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
+    if text.startswith("Does not validate against any of the Union subtypes"):
+        return union_reason(text)
+    if isinstance(error, MisconfigurationException):
+        return f"trainer: {text}"
     return text if text else type(error).__name__
 
 
@@ -183,6 +229,7 @@ def _one_line(error: BaseException) -> str:
 _PARSER_KEY = re.compile(r'Parser key "([^"]+)":?')
 _EXPECTED = re.compile(r"Expected an? (.+?)(?:\. Got value: (.*))?$")
 _CLASS_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*(.*)$")
+_BAD_SUBCOMMAND = re.compile(r"argument subcommand: invalid choice: '([^']*)'")
 _NOT_ACCEPTED = re.compile(r"Option '([^']+)' is not accepted")
 _NOT_ACCEPTED_BY = re.compile(r"Subcommand '(\w+)' does not accept option '([^']+)'")
 _GIVEN = re.compile(r"Given value: (.*?)(?:\. Got value: .*)?$")
@@ -206,6 +253,8 @@ def argument_error_line(message: str, args: list[str]) -> str:
     gives at the innermost level; a YAML syntax error names the `--config` file and line."""
     if message.startswith("Problems parsing config"):
         return _config_file_problem(args) or " ".join(message.split())
+    if match := _BAD_SUBCOMMAND.match(message):
+        return f"{match[1]}: no such subcommand (choose from {', '.join([*SUBCOMMANDS, 'export'])})"
     if message.startswith("unrecognized arguments: "):
         return f"{message.removeprefix('unrecognized arguments: ')}: no such option (see --help)"
     if match := _NOT_ACCEPTED_BY.match(message):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from egspo.data.tokenizer import synthetic_tokenizer
 from egspo.distributed import is_sharded
 from egspo.hf_names import DTYPES, looks_local, unwrap_causal_lm
 
@@ -96,18 +99,69 @@ class HubUnreachableError(OSError):
     """A hub id was named, it is not cached locally, and the hub cannot be reached."""
 
 
+class ModelLoadError(ValueError):
+    """A model or tokenizer the config names exists but cannot be loaded (no weights, a corrupt
+    file, a folder of the wrong kind); the message names the option and the cause in one line."""
+
+
+# Proxy variables that route the hub's HTTPS traffic (requests/httpx read them too).
+_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the hub (or the proxy to it) opens within `timeout` seconds.
+
+    The name lookup is bounded too: it runs in a thread, since `create_connection`'s timeout
+    does not cover the resolver, which retries for 10 s or more on a machine without network."""
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = urlparse(endpoint).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    proxy = next((os.environ[v] for v in _PROXY_VARIABLES if os.environ.get(v)), None)
+    url = urlparse(proxy if proxy else endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    opened: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                opened.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
 
 
 def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes", "on"}
+
+
+def hub_unreachable_reason() -> str | None:
+    """Why nothing can be downloaded from the hub now (`HF_HUB_OFFLINE` set, or no answer within
+    3 s), as the end of a sentence, or None when it answers."""
+    if _offline():
+        return (
+            f"HF_HUB_OFFLINE={os.environ['HF_HUB_OFFLINE']} forbids downloads; check the name, pass a local "
+            "path, or download it beforehand (unset HF_HUB_OFFLINE to let egspo download it)"
+        )
+    if not _hub_reachable():
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+        return f"the hub ({endpoint}) does not answer (no network?); check the name, or pass a local path"
+    return None
+
+
+def _load(loader, name: str, option: str, **kwargs):
+    """`loader.from_pretrained(name)`, its failure as one line naming `option`."""
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except HubUnreachableError:
+        raise
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
+        what = "tokenizer" if loader is AutoTokenizer else "model"
+        text = " ".join(str(error).split()) or type(error).__name__
+        if len(text) > 300:
+            text = text[:297].rstrip() + "..."
+        raise ModelLoadError(f"{option}={name}: cannot load the {what}: {text}") from error
 
 
 def resolve_pretrained(loader, name: str, option: str = "model.policy.name_or_path", **kwargs):
@@ -116,26 +170,23 @@ def resolve_pretrained(loader, name: str, option: str = "model.policy.name_or_pa
     if looks_local(name):
         if not Path(name).expanduser().exists():
             raise FileNotFoundError(f"{option}={name}: no such file or folder")
-        return loader.from_pretrained(str(Path(name).expanduser()), **kwargs)
+        return _load(loader, str(Path(name).expanduser()), option, **kwargs)
     try:
         return loader.from_pretrained(name, local_files_only=True, **kwargs)
     except OSError:
         pass
-    if _offline() or not _hub_reachable():
+    reason = hub_unreachable_reason()
+    if reason:
         raise HubUnreachableError(
-            f"{option}={name}: not a local folder, not in the Hugging Face cache, and the hub "
-            "cannot be reached (offline); pass a local path, download it beforehand, or, with "
-            "network, unset HF_HUB_OFFLINE"
+            f"{option}={name}: not a local folder, not in the Hugging Face cache, and {reason}"
         )
-    return loader.from_pretrained(name, **kwargs)
+    return _load(loader, name, option, **kwargs)
 
 
 def load_tokenizer(spec: PolicyConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, left-padded for batched generation, with a pad token."""
     name = spec.tokenizer or spec.name_or_path
     if name == SYNTHETIC_TOKENIZER:
-        from egspo.data.tokenizer import synthetic_tokenizer
-
         tokenizer = synthetic_tokenizer()
     else:
         option = "model.policy.tokenizer" if spec.tokenizer else "model.policy.name_or_path"

@@ -41,6 +41,70 @@ GoldAuditMode = Literal["report", "drop", "fail"]
 PROMPT_SET = "prompts"  # the RL prompts' name in the audit's metrics, `data/prompts/...`
 
 
+def data_option_problems(
+    *,
+    expert: object,
+    prompts: object,
+    synthetic: object,
+    sft_iterations: int,
+    rl_iterations: int,
+    prompts_per_step: int,
+    expert_per_step: int,
+    eval_size: int | None,
+    eval_batch_size: int,
+    sft_mixing: bool = False,
+) -> list[str]:
+    """What is wrong with the data options for phases of these lengths, one line each naming the
+    option; the CLI runs it on the parsed config before anything loads.
+
+    A phase with nothing to draw from would fail only when it starts (an SFT warm-up with
+    `expert_per_step=0` after the model loads, an RL phase with `prompts_per_step=0` after the
+    whole warm-up), so each phase's own draw must be >= 1; `sft_mixing`: RL mixes SFT
+    (`model.mu` > 0), which draws demonstrations too.
+    """
+    problems = []
+    no_data = synthetic is None and expert is None and prompts is None
+    if synthetic is not None and (expert is not None or prompts is not None):
+        problems.append(
+            "data.synthetic: give either the synthetic task or data.expert/data.prompts, not both"
+        )
+    if no_data:
+        problems.append("no training data: give data.expert and/or data.prompts, or data.synthetic")
+    for option, value in (("prompts_per_step", prompts_per_step), ("expert_per_step", expert_per_step)):
+        if value < 0:
+            problems.append(f"data.{option}={value}: must be >= 0")
+    if sft_iterations > 0 and expert_per_step == 0:
+        problems.append(
+            f"data.expert_per_step=0: the SFT warm-up (model.sft_iterations={sft_iterations}) trains on "
+            "demonstrations; give >= 1, or set model.sft_iterations=0"
+        )
+    elif rl_iterations > 0 and sft_mixing and expert_per_step == 0:
+        problems.append(
+            "data.expert_per_step=0: model.mu mixes SFT into the RL phase, which needs demonstrations; "
+            "give >= 1, or set model.mu=0"
+        )
+    if expert_per_step > 0 and not no_data and synthetic is None and expert is None:
+        problems.append(
+            f"data.expert_per_step={expert_per_step}: no demonstrations to draw from; give data.expert, "
+            "or set data.expert_per_step=0"
+        )
+    if rl_iterations > 0 and prompts_per_step == 0:
+        problems.append(
+            f"data.prompts_per_step=0: the RL phase (model.rl_iterations={rl_iterations}) samples answers to "
+            "prompts; give >= 1, or set model.rl_iterations=0"
+        )
+    if prompts_per_step > 0 and not no_data and synthetic is None and prompts is None:
+        problems.append(
+            f"data.prompts_per_step={prompts_per_step}: no RL prompts to draw from; give data.prompts, "
+            "or set data.prompts_per_step=0"
+        )
+    if eval_size is not None and eval_size < 1:
+        problems.append(f"data.eval_size={eval_size}: must be >= 1 (or null: the whole of each eval set)")
+    if eval_batch_size < 1:
+        problems.append(f"data.eval_batch_size={eval_batch_size}: must be >= 1")
+    return problems
+
+
 class HybridDataModule(L.LightningDataModule):
     """Expert demonstrations, RL prompts and eval sets for hybrid SFT + RL training.
 
@@ -83,16 +147,21 @@ class HybridDataModule(L.LightningDataModule):
         gold_audit: GoldAuditMode = "report",
     ) -> None:
         super().__init__()
-        if synthetic is not None and (expert is not None or prompts is not None):
-            raise ValueError("give either synthetic or expert/prompts data, not both")
-        if synthetic is None and expert is None and prompts is None:
-            raise ValueError("no training data: give expert and/or prompts, or synthetic")
         if sft_iterations < 0 or rl_iterations < 0 or sft_iterations + rl_iterations < 1:
             raise ValueError("sft_iterations and rl_iterations must be >= 0, and not both 0")
-        if prompts_per_step < 0 or expert_per_step < 0:
-            raise ValueError("prompts_per_step and expert_per_step must be >= 0")
-        if eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {eval_batch_size}")
+        problems = data_option_problems(
+            expert=expert,
+            prompts=prompts,
+            synthetic=synthetic,
+            sft_iterations=sft_iterations,
+            rl_iterations=rl_iterations,
+            prompts_per_step=prompts_per_step,
+            expert_per_step=expert_per_step,
+            eval_size=eval_size,
+            eval_batch_size=eval_batch_size,
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
         self.expert_source, self.prompt_source = expert, prompts
         self.eval_sources = dict(eval_sets or {})
         if synthetic is not None and "synthetic" in self.eval_sources:
@@ -136,13 +205,13 @@ class HybridDataModule(L.LightningDataModule):
             train = self.synthetic.generate(split="train")
             self.expert_examples, self.prompt_examples = train, train
             test = self.synthetic.generate(split="test")
-            self.eval_examples["synthetic"] = test[: self.eval_size] if self.eval_size else test
+            self.eval_examples["synthetic"] = test[: self.eval_size] if self.eval_size is not None else test
         else:
             self.expert_examples = self.expert_source.load() if self.expert_source else []
             self.prompt_examples = self.prompt_source.load() if self.prompt_source else []
         for name, source in self.eval_sources.items():
             examples = source.load()
-            self.eval_examples[name] = examples[: self.eval_size] if self.eval_size else examples
+            self.eval_examples[name] = examples[: self.eval_size] if self.eval_size is not None else examples
         self._audit_golds()
         missing = [i for i, e in enumerate(self.expert_examples) if not e.response]
         if self.expert_per_step and missing:

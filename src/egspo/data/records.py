@@ -227,9 +227,25 @@ def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
     raise DataError(f"{path}: unsupported file type; use .jsonl, .json or .parquet")
 
 
+def _decode(raw: bytes, path: Path, number: int | None = None) -> str:
+    """UTF-8 text of `raw` (a byte-order mark is allowed), or a DataError naming the file, the
+    line and the column of the first byte that is not UTF-8."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = number if number is not None else raw.count(b"\n", 0, exc.start) + 1
+        start = raw.rfind(b"\n", 0, exc.start) + 1
+        column = len(raw[start : exc.start].decode("utf-8-sig")) + 1  # valid up to the bad byte
+        byte = raw[exc.start : exc.start + 1].hex()
+        raise DataError(
+            f"{path}:{line}: not UTF-8 (byte 0x{byte} at column {column}); save the file as UTF-8"
+        ) from exc
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:  # bytes: a decoding error is then named by its line
+        for number, raw in enumerate(handle, start=1):
+            line = _decode(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -241,7 +257,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path.read_bytes(), path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from exc
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -253,9 +269,14 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _read_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        reason = " ".join(str(exc).split())
+        raise DataError(f"{path}: not a readable parquet file ({reason[:200]})") from exc
     for number, row in enumerate(table.to_pylist(), start=1):
         yield f": row {number}", row
 
@@ -267,10 +288,21 @@ def _hub_rows(source: str, split: str | None, subset: str | None) -> tuple[str, 
     try:
         dataset = datasets.load_dataset(source, subset, split=split)
     except Exception as exc:
+        reason = " ".join(str(exc).split())
+        reason = reason if len(reason) <= 200 else reason[:197].rstrip() + "..."
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _is_set(os.environ.get(v))]
+        hint = (
+            f"; {' and '.join(offline)} {'forbid' if len(offline) > 1 else 'forbids'} downloads"
+            if offline
+            else ""
+        )
         raise DataError(
-            f"could not load hub dataset {source!r} (subset={subset!r}, split={split!r}): {exc}. "
-            "Pass a local .jsonl/.json/.parquet path, or unset HF_HUB_OFFLINE and "
-            "HF_DATASETS_OFFLINE to allow downloads."
+            f"{source}: cannot load this hub dataset (subset={subset!r}, split={split!r}): {reason}{hint}; "
+            "check the name, or pass a local .jsonl/.json/.parquet path"
         ) from exc
     name = f"{source}[{split}]"
     return name, ((f": row {number}", row) for number, row in enumerate(dataset, start=1))
+
+
+def _is_set(flag: str | None) -> bool:
+    return (flag or "").lower() in {"1", "true", "yes", "on"}

@@ -12,6 +12,9 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from egspo.data.prompts import DEFAULT_INSTRUCTION
+from egspo.data.synthetic import SyntheticArithmetic
+
 PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -87,9 +90,6 @@ def synthetic_tokenizer(
     With ``cache_dir``, it is saved under a sub-folder keyed by these settings and
     reloaded from there on later calls.
     """
-    from egspo.data.prompts import DEFAULT_INSTRUCTION
-    from egspo.data.synthetic import SyntheticArithmetic
-
     task = task or SyntheticArithmetic()
     target: Path | None = None
     if cache_dir is not None:
