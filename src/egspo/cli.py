@@ -37,8 +37,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from egspo.callbacks.checkpointing import LAST, IterationCheckpoint
 from egspo.data import HybridDataModule
+from egspo.data.records import DataError
+from egspo.export import main as export_main
+from egspo.model import HubUnreachableError
 from egspo.module import HybridRLModule
-from egspo.validation import check_checkpoint, check_machine, union_reason, validate_fit_config
+from egspo.update import NonFiniteLossError
+from egspo.validation import check_machine, union_reason, validate_fit_config
+from egspo.validation_sources import check_checkpoint
 
 TRAINER_DEFAULTS = {
     "num_sanity_val_steps": 0,
@@ -169,8 +174,6 @@ def main(args: list[str] | None = None) -> EGSPOCLI | Path | None:
     args = [a for a in args if a != "--debug"]
     try:
         if args[:1] == ["export"]:  # not a Trainer entry point: handled before LightningCLI
-            from egspo.export import main as export_main
-
             return export_main(args[1:])
         return run(args)
     except ArgumentError as error:
@@ -188,10 +191,6 @@ def main(args: list[str] | None = None) -> EGSPOCLI | Path | None:
 def _is_user_error(error: BaseException) -> bool:
     """Errors about inputs the user gave (options, files, data, model ids, the Trainer's
     options: Lightning's MisconfigurationException), not bugs."""
-    from egspo.data.records import DataError
-    from egspo.model import HubUnreachableError
-    from egspo.update import NonFiniteLossError
-
     return isinstance(
         error,
         (

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from egspo.hf_names import DTYPES
 from egspo.model import LoRAConfig, PolicyConfig, load_policy, load_tokenizer
@@ -33,8 +34,6 @@ def read_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     if not (path / "meta.pt").is_file():
         raise FileNotFoundError(f"{path}: neither a checkpoint file nor a sharded checkpoint folder")
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     with tempfile.TemporaryDirectory() as tmp:
         consolidated = Path(tmp) / "full.ckpt"
         dcp_to_torch_save(path, consolidated)

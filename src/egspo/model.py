@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from egspo.data.tokenizer import synthetic_tokenizer
@@ -254,9 +254,7 @@ def load_policy(spec: PolicyConfig, tokenizer: PreTrainedTokenizerBase) -> PreTr
     return model
 
 
-def _four_bit_config(compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
+def _four_bit_config(compute_dtype: torch.dtype) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

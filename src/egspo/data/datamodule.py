@@ -61,6 +61,8 @@ def data_option_problems(
     `expert_per_step=0` after the model loads, an RL phase with `prompts_per_step=0` after the
     whole warm-up), so each phase's own draw must be >= 1; `sft_mixing`: RL mixes SFT
     (`model.mu` > 0), which draws demonstrations too.
+
+    Long: one flat list of independent checks, each a condition and its message.
     """
     problems = []
     no_data = synthetic is None and expert is None and prompts is None

@@ -15,7 +15,7 @@ from torch import Tensor
 from egspo.advantages import group_advantages, indexed_group_advantages
 from egspo.distributed import gather_objects
 from egspo.losses import masked_mean
-from egspo.losses.mismatch import MismatchOutput, rollout_correction
+from egspo.losses.mismatch import MismatchCorrection, MismatchOutput, rollout_correction
 from egspo.methods.base import RLMethod, RolloutContext, check_methods
 from egspo.model import stop_token_ids
 from egspo.rewards import RewardFunction, RewardOutput
@@ -138,16 +138,14 @@ class ExperienceBuilder:
         groups = sample(questions, answers)
         stats = {"rollout/all_equal_groups": constant_groups(groups.rewards, g).float().mean().item()}
         if self.config.dynamic_sampling:
-            rounds = self.config.max_num_gen_batches
-            groups, groups.excluded, dynamic = dynamic_sampling(
-                sample, groups, refill, g, rounds, self.pad_token_id
-            )
+            rounds, pad = self.config.max_num_gen_batches, self.pad_token_id
+            groups, groups.excluded, dynamic = dynamic_sampling(sample, groups, refill, g, rounds, pad)
             stats.update(dynamic)
         for method in self.methods:
             groups = method.extend(groups, sample, stats, params=params, group_size=g)
         t1 = clock(device)
         logprobs, entropy, ref_logprobs = self._score(policy, groups)
-        mismatch = self._mismatch(groups.rollout, logprobs, stats)
+        mismatch = mismatch_correction(groups.rollout, logprobs, self.config.mismatch_correction, stats)
         context = RolloutContext(policy, self.encoder.tokenizer, rl_iteration, g, teachers or {})
         rewards = self._shaped_rewards(groups, entropy, context, stats)
         if groups.group is None:
@@ -273,21 +271,6 @@ class ExperienceBuilder:
                     scores[k][rows] = part.float()
         return scores[0], scores[1], scores[2]
 
-    def _mismatch(
-        self, rollout: Rollout, logprobs: Tensor | None, stats: dict[str, float]
-    ) -> MismatchOutput | None:
-        """The gap between the engine's recorded log-probs and the trainer's, and its correction
-        (`model.rollout.mismatch_correction`); None when either is unknown. The metrics go into
-        `stats` (their maximum over every process)."""
-        if rollout.logprobs is None or logprobs is None:
-            return None
-        out = rollout_correction(
-            logprobs, rollout.logprobs, rollout.completion_mask, self.config.mismatch_correction
-        )
-        for key, value in out.metrics.items():
-            stats[key] = max(gather_objects(float(value))) if key.endswith("_max") else float(value)
-        return out
-
     def state_dict(self) -> dict[str, Any]:
         return {"prompts_over_length": self.prompts_over_length}
 
@@ -329,6 +312,20 @@ def score_rollout(
         with reference(policy) as model:
             ref_logprobs = score(model)[0]
     return logprobs, entropy, ref_logprobs
+
+
+def mismatch_correction(
+    rollout: Rollout, logprobs: Tensor | None, config: MismatchCorrection, stats: dict[str, float]
+) -> MismatchOutput | None:
+    """The gap between the engine's recorded log-probs and the trainer's `logprobs`, and its
+    correction (`model.rollout.mismatch_correction`); None when either is unknown. The metrics go
+    into `stats` (`_max`: the maximum over every process)."""
+    if rollout.logprobs is None or logprobs is None:
+        return None
+    out = rollout_correction(logprobs, rollout.logprobs, rollout.completion_mask, config)
+    for key, value in out.metrics.items():
+        stats[key] = max(gather_objects(float(value))) if key.endswith("_max") else float(value)
+    return out
 
 
 def rollout_statistics(

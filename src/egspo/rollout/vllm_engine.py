@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.nn.utils.rnn import pad_sequence
 
 from egspo.hf_names import unwrap_causal_lm
@@ -340,8 +341,6 @@ def _merged_lora_weights(module: Any, prefix: str) -> Iterator[tuple[str, Tensor
 
 def _dense(tensor: Tensor) -> Tensor:
     """A plain tensor of the full parameter: FSDP2 shards gathered, 4-bit weights dequantised."""
-    from torch.distributed.tensor import DTensor
-
     if isinstance(tensor, DTensor):
         tensor = tensor.full_tensor()
     quant_state = getattr(tensor, "quant_state", None)
