@@ -22,7 +22,7 @@ from egspo.rollout.builder import ExperienceBuilder
 from egspo.rollout.groups import overlong_penalty
 from egspo.update import PolicyUpdate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 G, HOT = 4, 1.7
 REPLAY = {"exploration_temperature": 1.2, "replay_every": 2, "replay_min_advantage": 0.0}
 

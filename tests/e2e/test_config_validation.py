@@ -13,7 +13,7 @@ import yaml
 from egspo.cli import main
 from egspo.validation import validate_fit_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

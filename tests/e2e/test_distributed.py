@@ -39,7 +39,7 @@ from tiny_model import tiny_qwen2
 
 from egspo.losses import EGSPOLoss, LossOutput
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = tiny_qwen2(tie_word_embeddings=True)
 PROMPTS_PER_RANK = 2
 GENERATIONS = 4
@@ -238,7 +238,8 @@ def train(args: argparse.Namespace) -> None:
 
 def _env() -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    # The script imports the tests' helpers (tiny_model, ports) from the tests folder.
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
     return env
 
 

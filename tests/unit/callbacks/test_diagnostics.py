@@ -10,7 +10,7 @@ from tiny_model import tiny_qwen2_json
 from egspo.callbacks.diagnostics import collect_rows, entropy_color, render_html, render_png
 from egspo.rollout import Experience
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def make_experience(tokenizer) -> tuple[Experience, list[str]]:

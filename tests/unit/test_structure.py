@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 PACKAGE = SRC / "egspo"
 # Imported inside functions on purpose: optional or heavy dependencies only a few runs need.
 OPTIONAL = ("vllm", "bitsandbytes", "matplotlib", "numpy", "pyarrow", "datasets", "peft")

@@ -10,7 +10,16 @@ from tiny_model import tiny_qwen2
 
 from egspo.config import PromptConfig, RolloutConfig, UpdateConfig
 from egspo.data.encoding import PromptEncoder
-from egspo.losses import AGG_MODES, ChordPhiLoss, EGSPOLoss, ESPOLoss, NLLLoss, PPOClipLoss
+from egspo.losses import (
+    AGG_MODES,
+    ChordPhiLoss,
+    ClipCovLoss,
+    EGSPOLoss,
+    ESPOLoss,
+    KLCovLoss,
+    NLLLoss,
+    PPOClipLoss,
+)
 from egspo.model import PolicyConfig, load_policy
 from egspo.rewards import RewardOutput
 from egspo.rollout.builder import ExperienceBuilder
@@ -153,3 +162,50 @@ def test_demonstrations_are_scored_at_temperature_one(parts):
         copy.deepcopy(policy), torch.optim.SGD(hot.parameters(), lr=0.0), demonstrations
     )
     assert steps[0]["nll"] == pytest.approx(reference[0]["nll"], abs=1e-6)
+
+
+# ---------------------------------------------------------------------- through the update
+
+
+@pytest.mark.parametrize(
+    "make_loss",
+    [
+        lambda: KLCovLoss(kl_cov_ratio=0.2),
+        lambda: ClipCovLoss(
+            clip_cov_ratio=1.0, clip_cov_lb=0.01, clip_cov_ub=100.0
+        ),  # p = 1: no draw matters
+    ],
+    ids=["kl-cov", "clip-cov"],
+)
+@pytest.mark.parametrize("stored_old_logprobs", [True, False], ids=["old-logprobs", "one-step"])
+def test_update_centres_once_per_batch_and_micro_batches_change_nothing(
+    parts,
+    make_loss,
+    stored_old_logprobs,
+):
+    """PolicyUpdate.rl_update fixes the centring from the whole rollout batch before its first step
+    (scoring the batch itself when it holds no old log-probs), so a token budget that splits the
+    batch into micro-batches takes exactly the single-pass step."""
+    import copy
+
+    policy, experience, _, _ = parts
+    if not stored_old_logprobs:
+        experience = copy.copy(experience)
+        experience.old_logprobs = None
+    loss = make_loss()
+    loss.setup(vocab_size=policy.config.vocab_size, max_completion_length=10)
+    whole, whole_loss = _update_delta(policy, loss, experience, None, None)
+    valid = experience.loss_mask > 0
+    assert loss.num_tokens == int(valid.sum())
+    assert loss.advantage_mean == pytest.approx(
+        float(experience.advantages[:, None].expand_as(valid)[valid].mean())
+    )
+    if stored_old_logprobs:
+        assert loss.logprob_mean == pytest.approx(float(experience.old_logprobs[valid].mean()), rel=1e-6)
+    longest = int(experience.attention_mask.sum(1).max())
+    assert len(experience.microbatches(longest + 5)) > 2
+    split, split_loss = _update_delta(policy, loss, experience, None, longest + 5)
+    assert split_loss == pytest.approx(whole_loss, abs=1e-6)
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert any(a.abs().max() > 0 for a in whole)

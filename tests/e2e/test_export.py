@@ -8,7 +8,7 @@ from tiny_model import tiny_qwen2
 
 from egspo.model import PolicyConfig, load_policy, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = tiny_qwen2()
 QUESTIONS = ["What is 3 + 4?", "Tom has 12 apples and eats 5. How many are left?", "What is 9 - 2?"]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_model import tiny_qwen2_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ["grpo", "dapo", "chord_phi", "ce_gppo", "espo", "egspo", "egspo_mu", "papo", "oger", "uec_rl"]
 METHODS += ["gspo", "cispo", "clip_cov", "kl_cov", "top_entropy", "dr_grpo"]
 TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
@@ -76,8 +76,19 @@ def test_fit_every_method_switches_phase_and_learns(tmp_path, method):
 
 def test_method_overlay_selects_its_loss(tmp_path):
     from egspo.cli import run
-    from egspo.losses import CEGPPOLoss, ChordPhiLoss, EGSPOLoss, ESPOLoss, NLLLoss, PAPOLoss, PPOClipLoss
-    from egspo.losses import CISPOLoss, ClipCovLoss, GSPOLoss, KLCovLoss
+    from egspo.losses import (
+        CEGPPOLoss,
+        ChordPhiLoss,
+        CISPOLoss,
+        ClipCovLoss,
+        EGSPOLoss,
+        ESPOLoss,
+        GSPOLoss,
+        KLCovLoss,
+        NLLLoss,
+        PAPOLoss,
+        PPOClipLoss,
+    )
 
     expected = {
         "grpo": (PPOClipLoss, 0.2, 0.0),

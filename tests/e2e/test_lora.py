@@ -10,7 +10,7 @@ from tiny_model import tiny_qwen2
 from egspo.model import KLReference, LoRAConfig, PolicyConfig, load_policy, load_tokenizer
 from egspo.scoring import token_logprobs
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = tiny_qwen2()
 SMALL = [
     "--trainer.accelerator=cpu",

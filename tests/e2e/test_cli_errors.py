@@ -26,7 +26,7 @@ from tiny_model import tiny_qwen2, tiny_qwen2_json
 # imported, and a test's captured stderr is closed once that test ends.
 from egspo.cli import DEBUG_HINT, MAX_LINE, _one_line, clip, main, run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "demo.yaml")
 TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 # RL prompts from a file instead of the synthetic task, no warm-up (placeholders: see `_expand`).

@@ -25,13 +25,13 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from egspo.losses import PPOClipLoss
 from egspo.rollout import HFGenerateEngine, RolloutEngine, SamplingParams, SharedPrefillEngine
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # bench_* import each other
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scripts"))  # bench_* import each other
 import bench_common
 import bench_egspo
 import bench_rl
 import bench_sections
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = tiny_qwen2(max_position_embeddings=512)
 
 

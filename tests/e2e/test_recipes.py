@@ -15,7 +15,7 @@ from tiny_model import tiny_qwen2
 
 from egspo.model import PolicyConfig, load_policy, load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ["qwen_math.yaml", "qwen_math_lora.yaml", "qwen_math_qlora.yaml"]
 
 pytestmark = pytest.mark.slow

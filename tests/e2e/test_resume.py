@@ -22,7 +22,7 @@ import torch
 from lightning.pytorch import Callback
 from tiny_model import tiny_qwen2_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_MODEL = tiny_qwen2_json(max_position_embeddings=512)
 SFT, RL, EVERY = 1, 5, 2
 TOTAL = SFT + RL
@@ -46,9 +46,9 @@ class Recorder(Callback):
             "phase": "sft" if rl_index < 0 else "rl",
             "lr": pl_module.optimizers().optimizer.param_groups[0]["lr"],
             "mu": float(pl_module.mu(rl_index)) if rl_index >= 0 else None,
-            "gate": float(pl_module.policy_loss.gate.value),
-            "prompts": batch["prompts"],
-            "completions": batch["experience"].completions if rl_index >= 0 else None,
+            "gate": float(gate.value) if (gate := getattr(pl_module.policy_loss, "gate", None)) else None,
+            "prompts": batch.prompts,
+            "completions": batch.experience.completions if rl_index >= 0 else None,
             "rng": hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest(),
             "checksum": float(params.double().abs().sum()),
         }
@@ -124,20 +124,24 @@ def uninterrupted(tmp_path_factory):
     return _read(records), _weights(cli)
 
 
-def _interrupted_run(root: Path, records: Path, iteration: int, signum: int) -> subprocess.CompletedProcess:
+def _interrupted_run(
+    root: Path, records: Path, iteration: int, signum: int, extra: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
     killer = {
         "class_path": "test_resume.SignalAt",
         "init_args": {"iteration": iteration, "signum": int(signum)},
     }
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
+        ),
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
     return subprocess.run(
-        [sys.executable, "-m", "egspo", *_args(root, records, killer)],
+        [sys.executable, "-m", "egspo", *_args(root, records, killer), *extra],
         env=env,
         cwd=ROOT,
         capture_output=True,
@@ -146,10 +150,10 @@ def _interrupted_run(root: Path, records: Path, iteration: int, signum: int) -> 
     )
 
 
-def _resume(root: Path, records: Path):
+def _resume(root: Path, records: Path, extra: tuple[str, ...] = ()):
     from egspo.cli import main
 
-    return main([*_args(root, records), "--ckpt_path", "last"])
+    return main([*_args(root, records), *extra, "--ckpt_path", "last"])
 
 
 def _assert_same(resumed: list[dict], reference: list[dict]) -> None:
@@ -208,3 +212,40 @@ def test_sigkill_mid_iteration_replays_from_the_periodic_checkpoint(tmp_path, un
     assert replayed[0]["iteration"] == saved, seed
     _assert_same(replayed, reference[saved:])
     _assert_same_weights(cli, weights)
+
+
+# Clip-Cov's random choice is state of the loss: every loss call draws from its generator. With the
+# window (-100, 100) every token is a candidate and p = 0.3, so where advantages are non-zero a
+# resume that did not restore the generator would detach other tokens; and its generator would end
+# in another state (it would have drawn fewer times since its seed).
+CLIP_COV = (
+    "--config",
+    str(ROOT / "configs/method/clip_cov.yaml"),
+    "--model.policy_loss.init_args.clip_cov_ratio=0.3",
+    "--model.policy_loss.init_args.clip_cov_lb=-100.0",
+    "--model.policy_loss.init_args.clip_cov_ub=100.0",
+)
+
+
+def test_clip_cov_generator_is_restored_on_resume(tmp_path):
+    from egspo.cli import main
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    reference_root = tmp_path / "uninterrupted"
+    reference_records = reference_root / "records.jsonl"
+    reference_cli = main([*_args(reference_root, reference_records), *CLIP_COV])
+    loss = reference_cli.model.policy_loss
+    assert type(loss).__name__ == "ClipCovLoss" and 0 < loss.select_prob <= 0.5
+    assert not torch.equal(loss.generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+    stop_at = SFT + 1  # the second RL iteration: the generator has drawn for one already
+    root, records = tmp_path / "resumed", tmp_path / "resumed" / "records.jsonl"
+    proc = _interrupted_run(root, records, stop_at, signal.SIGTERM, CLIP_COV)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    saved = torch.load(root / "checkpoints" / "last.ckpt", weights_only=True)["egspo"]["policy_loss"]
+    assert saved["class"] == "ClipCovLoss" and saved["state"]["generator"].dtype == torch.uint8
+    before = _read(records)
+    cli = _resume(root, records, CLIP_COV)
+    _assert_same(before + _read(records)[len(before) :], _read(reference_records))
+    _assert_same_weights(cli, _weights(reference_cli))
+    assert torch.equal(cli.model.policy_loss.generator.get_state(), loss.generator.get_state())
