@@ -159,6 +159,11 @@ def _load(loader, name: str, option: str, **kwargs):
     except (OSError, ValueError, KeyError, SafetensorError) as error:
         what = "tokenizer" if loader is AutoTokenizer else "model"
         text = " ".join(str(error).split()) or type(error).__name__
+        if "trust_remote_code" in text:  # the fix, not the library's paragraph about it
+            raise ModelLoadError(
+                f"{option}={name}: the {what} ships its own code; set model.policy.trust_remote_code=true "
+                "to run it (only for code you trust)"
+            ) from error
         if len(text) > 300:
             text = text[:297].rstrip() + "..."
         raise ModelLoadError(f"{option}={name}: cannot load the {what}: {text}") from error

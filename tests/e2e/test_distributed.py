@@ -146,7 +146,7 @@ def train(args: argparse.Namespace) -> None:
     from egspo.data.synthetic import SyntheticArithmetic
     from egspo.distributed import full_state_dict, is_sharded
     from egspo.model import PolicyConfig
-    from egspo.module import EXPERIENCE, HybridRLModule
+    from egspo.module import HybridRLModule
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def train(args: argparse.Namespace) -> None:
             self.rows: list[dict] = []
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            exp = batch[EXPERIENCE]
+            exp = batch.experience
             metrics = trainer.callback_metrics
             self.rows.append(
                 {
@@ -386,6 +386,8 @@ def test_fsdp_multinode_config_selects_model_parallel_with_bf16_compute():
         args=[
             "--config",
             str(ROOT / "configs/fsdp_multinode.yaml"),
+            "--model.policy.name_or_path=null",  # the recipe's hub model, replaced by a tiny one built here
+            f"--model.policy.config={json.dumps(tiny_qwen2())}",
             "--model.policy.tokenizer=synthetic",
             "--trainer.accelerator=cpu",
             "--trainer.num_nodes=1",
