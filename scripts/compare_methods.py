@@ -17,6 +17,13 @@
 3. Report: `<out>/compare.md` (held-out metrics, mean and 95% interval over seeds), `compare.json`,
    and plots per RL iteration, one line per arm: held-out accuracy, reward, token entropy, and the
    fraction of all-equal groups (groups whose samples all score alike carry no signal).
+4. Paired tests (`--paired A:B`, repeatable): arm A against arm B seed by seed (the same seed gives
+   both the same prompts): the differences A - B of the held-out metrics, their mean with a 95%
+   interval (Student's t) and the two-sided sign test, in `compare.md` and `compare.json`. The arms
+   of the pairs are run when `--methods` is not given. With `--reuse` an interrupted run resumes:
+
+       python scripts/compare_methods.py --reuse --seeds $(seq 0 19) --paired egspo_mu:chord_phi \
+           --paired egspo:grpo --paired top_entropy:grpo --out results/paired
 """
 
 from __future__ import annotations
@@ -61,6 +68,11 @@ METHODS = {
         Arm("papo", "PAPO", "papo"),
         Arm("oger", "OGER", "oger"),
         Arm("uec_rl", "UEC-RL", "uec_rl"),
+        Arm("gspo", "GSPO", "gspo"),
+        Arm("cispo", "CISPO", "cispo"),
+        Arm("clip_cov", "Clip-Cov", "clip_cov"),
+        Arm("kl_cov", "KL-Cov", "kl_cov"),
+        Arm("top_entropy", "top-entropy (80/20)", "top_entropy"),
     )
 }
 DEFAULT_METHODS = list(METHODS)
@@ -204,8 +216,9 @@ def collect(result: RunResult) -> RunResult:
     scalars = load_scalars(summaries[-1].parent)
     result.curves = {key: scalars.get(key, {}) for key in CURVES if key != "accuracy"}
     result.curves["accuracy"] = _mean_over_sets(scalars, "accuracy")  # the warm-up's is the point at 0
-    entropy = [v for _it, v in sorted(result.curves["entropy"].items())]
-    final["final_entropy"] = statistics.fmean(entropy[-5:]) if entropy else math.nan
+    for key, name in (("entropy", "final_entropy"), ("rollout/all_equal_groups", "final_all_equal")):
+        values = [v for _it, v in sorted(result.curves[key].items())]
+        final[name] = statistics.fmean(values[-5:]) if values else math.nan
     result.final = final
     result.ok = True
     return result
@@ -218,8 +231,13 @@ def _mean_over_sets(scalars: dict[str, dict[int, float]], metric: str) -> dict[i
 
 
 # ----------------------------------------------------------------------------- aggregation
-# Two-sided 97.5% quantiles of Student's t for n - 1 = 1..10 degrees of freedom.
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# 97.5% quantiles of Student's t for n - 1 = 1..30 degrees of freedom (two-sided 95% intervals).
+_T975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+    11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+    20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+    29: 2.045, 30: 2.042,
+}  # fmt: skip
 
 
 def mean_interval(values: list[float]) -> tuple[float, float]:
@@ -244,6 +262,77 @@ def aggregate(results: list[RunResult]) -> dict[str, dict[str, tuple[float, floa
         row["seeds"] = (float(len(runs)), 0.0)
         table[method] = row
     return table
+
+
+def sign_test(differences: list[float]) -> float:
+    """Two-sided exact sign test: p-value of as lopsided a split of signs under p = 1/2 (ties dropped)."""
+    signs = [d for d in differences if d != 0 and not math.isnan(d)]
+    n, k = len(signs), sum(d > 0 for d in signs)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+PAIRED_METRICS = ("accuracy", "pass@1", "final_entropy")
+
+
+def paired(results: list[RunResult], first: str, second: str) -> dict[str, dict[str, object]]:
+    """Arm `first` minus arm `second`, seed by seed (seeds both finished), per metric: the differences,
+    their mean with a 95% interval, the wins/losses/ties and the sign test's p-value."""
+    by_seed = {(r.method, r.seed): r for r in results if r.ok}
+    seeds = sorted(s for m, s in by_seed if m == first and (second, s) in by_seed)
+    out: dict[str, dict[str, object]] = {}
+    for metric in PAIRED_METRICS:
+        diffs = [
+            by_seed[first, s].final.get(metric, math.nan) - by_seed[second, s].final.get(metric, math.nan)
+            for s in seeds
+        ]
+        mean, half = mean_interval(diffs)
+        out[metric] = {
+            "seeds": seeds,
+            "differences": diffs,
+            "mean": mean,
+            "half_width": half,
+            "wins": sum(d > 0 for d in diffs),
+            "losses": sum(d < 0 for d in diffs),
+            "ties": sum(d == 0 for d in diffs),
+            "sign_test_p": sign_test(diffs),
+        }
+    return out
+
+
+def format_paired(tests: dict[str, dict[str, dict[str, object]]], labels: dict[str, str]) -> str:
+    """Markdown table of the paired tests: one row per pair and metric."""
+    head = [
+        "A - B",
+        "metric",
+        "seeds",
+        "mean difference (95% interval)",
+        "A better / worse / tie",
+        "sign test p",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for pair, metrics in tests.items():
+        first, second = pair.split(":")
+        name = f"{labels.get(first, first)} - {labels.get(second, second)}"
+        for metric, t in metrics.items():
+            lo, hi = t["mean"] - t["half_width"], t["mean"] + t["half_width"]
+            lines.append(
+                f"| {name} | {metric} | {len(t['seeds'])} | {t['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}] | "
+                f"{t['wins']} / {t['losses']} / {t['ties']} | {t['sign_test_p']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    """`A:B` (two known arm names) as a pair."""
+    first, sep, second = text.partition(":")
+    if not sep or first not in METHODS or second not in METHODS or first == second:
+        raise argparse.ArgumentTypeError(
+            f"--paired {text!r}: expected A:B, two different arms of {list(METHODS)}"
+        )
+    return first, second
 
 
 def band(curves: list[dict[int, float]]) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -281,16 +370,18 @@ def format_table(
         {k for row in table.values() for k in row if k.startswith(("pass@", "maj@"))},
         key=lambda k: (k.split("@")[0] != "pass", int(k.split("@")[1])),
     )
-    head = ["method", "held-out accuracy", *extra, "final entropy (nats)", "wall time / run (s)", "seeds"]
+    head = ["method", "held-out accuracy", *extra, "final entropy (nats)", "final all-equal share"]
+    head += ["wall time / run (s)", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     if sft:
         cells = ["SFT warm-up", f"{sft.get('accuracy', math.nan):.3f}"]
         cells += [f"{sft[k]:.3f}" if k in sft else "-" for k in extra]
-        lines.append("| " + " | ".join([*cells, "-", "-", "-"]) + " |")
+        lines.append("| " + " | ".join([*cells, "-", "-", "-", "-"]) + " |")
     for method, row in table.items():
         cells = [labels.get(method, method), _cell(row.get("accuracy"))]
         cells += [_cell(row.get(k)) for k in extra]
-        cells += [_cell(row.get("final_entropy")), _cell(row.get("wall_time"), 0), f"{int(row['seeds'][0])}"]
+        cells += [_cell(row.get("final_entropy")), _cell(row.get("final_all_equal"))]
+        cells += [_cell(row.get("wall_time"), 0), f"{int(row['seeds'][0])}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -340,10 +431,12 @@ def write_report(
     out: Path,
     settings: dict[str, object],
     labels: dict[str, str],
+    pairs: list[tuple[str, str]] = (),
 ) -> Path:
-    """compare.md, compare.json and the curves' plot."""
+    """compare.md, compare.json and the curves' plot (+ the paired tests of `pairs`)."""
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(results)
+    tests = {f"{a}:{b}": paired(results, a, b) for a, b in pairs}
     failed = [r for r in results if not r.ok]
     lines = [
         "# Method comparison",
@@ -352,7 +445,8 @@ def write_report(
         "(iterations, prompts per iteration, generations per prompt); held-out metrics are on the "
         "same eval set, after RL: mean ± half-width of the 95% interval over seeds (Student's t). "
         "`accuracy` is the greedy answer's; pass@k and maj@k use sampled answers at the training "
-        "temperature. Final entropy: mean token entropy of the rollouts over the last 5 RL iterations.",
+        "temperature. Final entropy and all-equal share: mean token entropy of the rollouts, and the "
+        "fraction of groups whose samples all got the same reward, over the last 5 RL iterations.",
         "",
         format_table(table, labels, sft),
         "",
@@ -360,11 +454,22 @@ def write_report(
         "",
         "![curves](compare_curves.png)",
     ]
+    if tests:
+        lines += [
+            "",
+            "## Paired tests",
+            "",
+            "A - B per seed (the same seed gives both arms the same prompts); mean with the 95% interval "
+            "(Student's t), and the two-sided exact sign test on the signs of the differences (ties "
+            "dropped). An interval that holds 0 does not resolve the difference.",
+            "",
+            format_paired(tests, labels),
+        ]
     if failed:
         lines += ["", "Failed runs:", *(f"- {r.method} seed {r.seed}: {r.error}" for r in failed)]
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n")
-    payload = {"settings": settings, "sft": sft, "runs": [asdict(r) for r in results]}
+    payload = {"settings": settings, "sft": sft, "paired": tests, "runs": [asdict(r) for r in results]}
     (out / "compare.json").write_text(json.dumps(payload, indent=1))
     plot_bands(results, labels, sft, out / "compare_curves.png")
     return path
@@ -420,6 +525,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="reuse <work>/sft/policy and RL runs an earlier invocation finished",
     )
+    parser.add_argument(
+        "--paired",
+        action="append",
+        default=[],
+        type=parse_pair,
+        metavar="A:B",
+        help="paired test of arm A against arm B over the seeds (repeatable); runs their arms",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the runs an earlier invocation finished; train nothing",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and budget: a smoke test")
     parser.add_argument(
         "--set",
@@ -441,10 +559,17 @@ def main(argv: list[str] | None = None) -> Path:
     rl_iterations = args.rl_iterations or (QUICK_RL_ITERATIONS if args.quick else budget["rl_iterations"])
     budget["rl_iterations"] = rl_iterations
     rollout_batch = budget["prompts_per_step"] * budget["num_generations"]
-    arms = [
-        METHODS[m]
-        for m in (args.methods if args.methods is not None else [] if args.arm else DEFAULT_METHODS)
-    ]
+    if args.methods is not None:
+        names = args.methods
+    elif args.paired:
+        names = list(dict.fromkeys(m for pair in args.paired for m in pair))
+    else:
+        names = [] if args.arm else DEFAULT_METHODS
+    missing = sorted({m for pair in args.paired for m in pair} - set(names))
+    if missing:
+        print(f"--paired: arms {missing} are not among --methods", file=sys.stderr)
+        sys.exit(2)
+    arms = [METHODS[m] for m in names]
     arms += args.arm
     labels = {arm.name: arm.label for arm in arms}
     work = args.work
@@ -453,7 +578,10 @@ def main(argv: list[str] | None = None) -> Path:
 
     policy_dir = work / "sft" / "policy"
     metrics_file = work / "sft" / "metrics.json"
-    if args.reuse and (policy_dir / "config.json").is_file() and metrics_file.is_file():
+    if args.report_only and not metrics_file.is_file():
+        print(f"--report-only: no finished warm-up in {work / 'sft'}", file=sys.stderr)
+        sys.exit(2)
+    if (args.reuse or args.report_only) and (policy_dir / "config.json").is_file() and metrics_file.is_file():
         sft, sft_time = json.loads(metrics_file.read_text()), 0.0
         print(f"reusing the warm-up in {policy_dir}")
     else:
@@ -484,15 +612,18 @@ def main(argv: list[str] | None = None) -> Path:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = []
         for command, result in jobs:
-            earlier = finished(result) if args.reuse else None
+            earlier = finished(result) if args.reuse or args.report_only else None
+            if earlier is None and args.report_only:
+                print(f"not run yet: {result.method} seed {result.seed}")
+                continue
             futures.append(earlier if earlier else pool.submit(run_one, command, result, args.threads))
         for future in futures:
             result = future if isinstance(future, RunResult) else future.result()
             done.append(result)
             status = f"accuracy {result.final.get('accuracy', math.nan):.3f}" if result.ok else result.error
-            eta = (time.perf_counter() - start) / len(done) * (len(jobs) - len(done))
+            eta = (time.perf_counter() - start) / len(done) * (len(futures) - len(done))
             print(
-                f"[{len(done)}/{len(jobs)}] {result.method} seed {result.seed}: {result.wall_time:.0f} s, "
+                f"[{len(done)}/{len(futures)}] {result.method} seed {result.seed}: {result.wall_time:.0f} s, "
                 f"{status} (about {eta / 60:.0f} min left)",
                 flush=True,
             )
@@ -510,7 +641,7 @@ def main(argv: list[str] | None = None) -> Path:
         "threads": args.threads,
         "overrides": " ".join(args.overrides) or "none",
     }
-    report = write_report(done, sft, args.out, settings, labels)
+    report = write_report(done, sft, args.out, settings, labels, args.paired)
     print(f"wrote {report}")
     return report
 
