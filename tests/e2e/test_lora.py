@@ -1,6 +1,7 @@
 """LoRA and QLoRA: the KL reference is the base with adapters disabled, 4-bit training on CPU,
 adapters saved in PEFT format, and the single-GPU configs."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,8 @@ def test_lora_config_selects_adapters_and_a_base_reference():
                 "--config",
                 str(ROOT / config),
                 "--trainer.accelerator=cpu",
+                "--model.policy.name_or_path=null",  # the recipe's hub model, replaced by a tiny one
+                f"--model.policy.config={json.dumps(TINY)}",
                 "--model.policy.tokenizer=synthetic",
             ],
             run=False,
