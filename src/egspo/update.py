@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from egspo.config import UpdateConfig
 from egspo.data.encoding import EncodedDemonstrations
 from egspo.distributed import all_ranks_agree, gather_objects
-from egspo.losses import CovariancePolicyLoss, PolicyLoss, SFTLoss, TokenBatch
+from egspo.losses import PolicyLoss, SFTLoss, TokenBatch
 from egspo.losses.aggregation import aggregation_units
 from egspo.rollout.experience import Experience, pack_rows
 from egspo.scoring import token_logprobs
@@ -112,8 +112,8 @@ class PolicyUpdate:
         size = mini_batch_size or self.config.mini_batch_size or len(experience)
         # As many steps on every process (each steps in lock-step), however many rows it holds.
         count = max(gather_objects(max(len(experience) // size, 1)))
-        if isinstance(self.policy_loss, CovariancePolicyLoss):  # Clip-Cov / KL-Cov: centred per batch
-            self.policy_loss.prepare_covariance(*self._rollout_tokens(policy, experience))
+        if self.policy_loss.needs_rollout_tokens:  # Clip-Cov / KL-Cov: centred per batch
+            self.policy_loss.prepare_rollout_tokens(*self._rollout_tokens(policy, experience))
         results = []
         for _ in range(self.config.ppo_epochs):
             for minibatch in experience.minibatches(count):

@@ -55,6 +55,10 @@ class PolicyLoss:
     """
 
     needs_polarity: ClassVar[bool] = False
+    # Losses that fix statistics of the whole rollout batch's tokens before its first step (the
+    # covariance losses) set this, and the update calls `prepare_rollout_tokens` for them alone: it
+    # may cost a scoring pass that no other loss needs.
+    needs_rollout_tokens: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -93,6 +97,10 @@ class PolicyLoss:
         ``TokenBatch.entropy_threshold``; None here (no gate).
         """
         return None
+
+    def prepare_rollout_tokens(self, logprobs: Tensor, advantages: Tensor) -> None:
+        """Per-rollout-batch step of a loss with ``needs_rollout_tokens``, from the rollout-policy
+        log-probs and advantages (1-D) of the valid tokens of this rank (a collective: every rank calls it)."""
 
     def state_dict(self) -> dict[str, Any]:
         """The loss's training state, in plain types and tensors (empty: stateless)."""

@@ -27,7 +27,7 @@ class CovariancePolicyLoss(PolicyLoss):
 
     Centring, and what holds under micro-batching. verl centres over the tokens of each call (a
     micro-batch of one rank), so its covariances, and the counts derived from them, change with the
-    micro-batch split. egspo fixes them once per rollout batch: :meth:`prepare_covariance`, called by
+    micro-batch split. egspo fixes them once per rollout batch: :meth:`prepare_rollout_tokens`, called by
     the update before its first optimizer step on the batch (a collective: every rank calls it), takes
     the valid tokens' rollout log-probs and advantages of every rank and fixes ``mean_N(logp)``,
     ``mean_N(A)``, ``N`` and the subclass's selection constants. ``Cov_t`` is then a function of the
@@ -37,6 +37,8 @@ class CovariancePolicyLoss(PolicyLoss):
     With rollout-mismatch weights (``batch.is_weights``) the loss sees ``w_t A_t`` as its advantage,
     and so does ``Cov_t``; the means are the unweighted advantages'.
     """
+
+    needs_rollout_tokens = True
 
     def __init__(
         self,
@@ -53,7 +55,7 @@ class CovariancePolicyLoss(PolicyLoss):
         self.advantage_mean: float | None = None
         self.num_tokens: int | None = None
 
-    def prepare_covariance(self, logprobs: Tensor, advantages: Tensor) -> None:
+    def prepare_rollout_tokens(self, logprobs: Tensor, advantages: Tensor) -> None:
         """Fix the centring and selection of this rollout batch from this rank's valid tokens.
 
         ``logprobs`` (the rollout policy's) and ``advantages`` are 1-D over this rank's valid
@@ -66,7 +68,7 @@ class CovariancePolicyLoss(PolicyLoss):
         advantages = advantages.detach().float().double().flatten()
         if logprobs.shape != advantages.shape:
             raise ValueError(
-                f"prepare_covariance: logprobs {tuple(logprobs.shape)} and advantages "
+                f"prepare_rollout_tokens: logprobs {tuple(logprobs.shape)} and advantages "
                 f"{tuple(advantages.shape)} must hold the same valid tokens"
             )
         local = torch.stack([logprobs.sum(), advantages.sum(), logprobs.new_tensor(float(logprobs.numel()))])
@@ -87,7 +89,7 @@ class CovariancePolicyLoss(PolicyLoss):
         if self.logprob_mean is None or self.advantage_mean is None:
             raise ValueError(
                 f"{type(self).__name__} needs the rollout batch's covariance statistics: call "
-                "loss.prepare_covariance(logprobs, advantages) once per rollout batch (valid tokens, "
+                "loss.prepare_rollout_tokens(logprobs, advantages) once per rollout batch (valid tokens, "
                 "all ranks) before the loss"
             )
         logprobs, advantages = batch.logprobs.detach().double(), batch.advantages.detach().double()
@@ -103,7 +105,7 @@ class ClipCovLoss(CovariancePolicyLoss):
       already cut (verl drops those: ``clip_by_origin``);
     - verl draws exactly ``k = max(1, floor(clip_cov_ratio * N))`` of them at random (per call). egspo
       keeps each candidate independently with probability ``p = min(1, k / C)``, where ``C`` is the
-      number of candidates of the rollout batch (all ranks) at :meth:`prepare_covariance` (on-policy,
+      number of candidates of the rollout batch (all ranks) at :meth:`prepare_rollout_tokens` (on-policy,
       no PPO clip yet): ``k`` in expectation, and a per-token rule, so the loss is micro-batch
       additive given the draws. The draws ``u_t ~ U(0, 1)`` come from the loss's own seeded
       ``torch.Generator`` (state in :meth:`state_dict`, restored on resume), one per position of each
@@ -199,7 +201,7 @@ class KLCovLoss(CovariancePolicyLoss):
     Formula card (``r_t = exp(logp_t - old_logp_t)``, ``Cov_t`` as :class:`CovariancePolicyLoss`):
 
     - ``k = max(1, floor(kl_cov_ratio * N))`` and ``c_k`` the k-th largest ``Cov_t`` of the rollout
-      batch (all ranks), fixed by :meth:`prepare_covariance` (verl: the top k of each call);
+      batch (all ranks), fixed by :meth:`prepare_rollout_tokens` (verl: the top k of each call);
     - selected tokens ``Cov_t >= c_k`` (ties at ``c_k`` included): ``r_t A_t - ppo_kl_coef * |log r_t|``;
       others ``r_t A_t``; no ratio clip (the paper's and verl's ``kl_cov``);
     - ``loss = -aggregate(...)``.

@@ -52,7 +52,7 @@ def reference_covariance(batch: TokenBatch, rollout: TokenBatch | None = None) -
 
 
 def prepared(loss, batch):
-    loss.prepare_covariance(*valid_tokens(batch))
+    loss.prepare_rollout_tokens(*valid_tokens(batch))
     return loss
 
 
@@ -70,7 +70,7 @@ def test_covariance_is_centred_over_the_valid_tokens():
 
 def test_loss_before_prepare_names_the_call():
     for loss in (KLCovLoss(), ClipCovLoss()):
-        with pytest.raises(ValueError, match="prepare_covariance"):
+        with pytest.raises(ValueError, match="prepare_rollout_tokens"):
             loss(make_batch())
 
 
@@ -264,7 +264,7 @@ def rows(batch: TokenBatch, index: list[int]) -> TokenBatch:
     ids=["kl-cov", "kl-cov-seq-mean", "clip-cov"],
 )
 def test_micro_batches_add_up_to_the_single_pass(make_loss):
-    """The centring is fixed by prepare_covariance, so a split of rows changes nothing."""
+    """The centring is fixed by prepare_rollout_tokens, so a split of rows changes nothing."""
     loss = prepared(make_loss(), make_batch())
     full = make_batch(LOG_R)
     single = loss(full).loss
@@ -292,9 +292,9 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
         batch = make_batch()
         part = rows(batch, [[0], [1, 2]][rank])  # rank 0 holds 4 valid tokens, rank 1 holds 5
         loss = KLCovLoss(kl_cov_ratio=0.3)
-        loss.prepare_covariance(*valid_tokens(part))
+        loss.prepare_rollout_tokens(*valid_tokens(part))
         clip = ClipCovLoss(clip_cov_lb=0.0, clip_cov_ub=10.0)
-        clip.prepare_covariance(*valid_tokens(part))
+        clip.prepare_rollout_tokens(*valid_tokens(part))
         state = [
             loss.num_tokens,
             loss.logprob_mean,
@@ -310,9 +310,9 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
 def test_centring_and_selection_are_over_all_ranks(tmp_path):
     mp.spawn(_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     single = KLCovLoss(kl_cov_ratio=0.3)
-    single.prepare_covariance(*valid_tokens(make_batch()))
+    single.prepare_rollout_tokens(*valid_tokens(make_batch()))
     clip = ClipCovLoss(clip_cov_lb=0.0, clip_cov_ub=10.0)
-    clip.prepare_covariance(*valid_tokens(make_batch()))
+    clip.prepare_rollout_tokens(*valid_tokens(make_batch()))
     expected = [single.num_tokens, single.logprob_mean, single.advantage_mean, single.cov_threshold]
     for rank in (0, 1):
         state = torch.load(tmp_path / f"rank{rank}.pt")
@@ -334,7 +334,7 @@ def test_bad_options_name_themselves():
         with pytest.raises(ValueError, match=name):
             KLCovLoss(**kwargs)
     with pytest.raises(ValueError, match="same valid tokens"):
-        KLCovLoss().prepare_covariance(torch.zeros(3), torch.zeros(4))
+        KLCovLoss().prepare_rollout_tokens(torch.zeros(3), torch.zeros(4))
 
 
 def test_defaults_are_the_papers():

@@ -158,9 +158,9 @@ def _batch(weights: torch.Tensor | None, logprobs: torch.Tensor, spread: float =
 def _ready(loss, batch: TokenBatch):
     """What the trainer does once per rollout batch before calling a loss."""
     loss.setup(vocab_size=50, max_completion_length=MASK.shape[1])
-    if hasattr(loss, "prepare_covariance"):
+    if loss.needs_rollout_tokens:
         valid = MASK > 0
-        loss.prepare_covariance(batch.old_logprobs[valid], batch.advantages[valid])
+        loss.prepare_rollout_tokens(batch.old_logprobs[valid], batch.advantages[valid])
     return loss
 
 
