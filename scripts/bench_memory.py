@@ -1,7 +1,7 @@
 """Peak memory of one RL update vs the mini-batch size, with and without a micro-batch token budget.
 
 `model.update.ppo_max_token_len_per_gpu` packs each mini-batch into micro-batches of at most that
-many tokens whose gradients accumulate to the mini-batch's (tests/test_update.py checks they are
+many tokens whose gradients accumulate to the mini-batch's (tests/unit/test_update.py checks they are
 equal). Activations then scale with the budget, not with the mini-batch: this script measures it.
 
 Each case is one `PolicyUpdate.rl_iteration` (one optimizer step on a mini-batch of N sequences,
@@ -215,7 +215,7 @@ def table(args: argparse.Namespace, results: list[dict], seconds: float) -> str:
         "",
         f"From {smallest} to {largest} sequences per mini-batch, peak memory grows {growth_free:.2f}x "
         f"without a budget and {growth_packed:.2f}x with `ppo_max_token_len_per_gpu={args.budget}` "
-        "(the accumulated gradient is the single-pass one: tests/test_update.py).",
+        "(the accumulated gradient is the single-pass one: tests/unit/test_update.py).",
     ]
     return "\n".join(lines) + "\n"
 

@@ -34,7 +34,7 @@ class _HeadRule:
 
 
 # model_type -> its logit transform, as read in transformers 5.x `modeling_<type>.py` (each one is
-# checked against the model's own logits in tests/test_scoring.py). The same config field does not
+# checked against the model's own logits in tests/unit/test_scoring.py). The same config field does not
 # mean the same thing across families: Granite divides by `logits_scaling`, HyperCLOVAX multiplies.
 _HEAD_RULES: dict[str, _HeadRule] = {
     "gemma2": _HeadRule("final_logit_softcapping", "softcap"),
