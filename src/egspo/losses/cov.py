@@ -34,8 +34,8 @@ class CovariancePolicyLoss(PolicyLoss):
     token alone, so the loss keeps the micro-batch invariant of :class:`PolicyLoss` (Clip-Cov: given
     its random draws, see there). The means use the rollout policy's log-probs; ``Cov_t`` uses the
     current ``logp_t`` (as verl), equal to the rollout's at the first optimizer step on the batch.
-    With rollout-mismatch weights (``batch.is_weights``) the loss sees ``w_t A_t`` as its advantage,
-    and so does ``Cov_t``; the means are the unweighted advantages'.
+    With rollout-mismatch weights (``batch.is_weights``) each token's gradient is scaled by ``w_t``
+    (:class:`PolicyLoss`); ``Cov_t``, the means and the selections use the unweighted values.
     """
 
     needs_rollout_tokens = True
