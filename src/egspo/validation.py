@@ -29,6 +29,8 @@ from egspo.validation_sources import (
     check_policy_source,
     get_option,
     init_args,
+    record_bound,
+    synthetic_bound,
 )
 
 # Options of the module given by `class_path`, built here once to run their constructors' checks.
@@ -50,6 +52,7 @@ def validate_fit_config(config: Any, warnings: list[str] | None = None) -> list[
         *_check_groups(model),
         *_check_batches(model, data),
         *_check_data(model, data),
+        *_check_record_counts(data, trainer),
         *_check_gate(model, trainer),
         *_check_learning_rates(model),
         *_check_validation_interval(model, trainer),
@@ -138,31 +141,28 @@ def _check_classes(model: Any) -> list[tuple[str, str]]:
             hint = hints[key]
             if index is not None:  # list[X] | None -> X
                 hint = next(typing.get_args(a)[0] for a in typing.get_args(hint) if typing.get_args(a))
-            built, problem = _build(hint, item)
+            problem = _build_problem(hint, item)
             if problem:
                 errors.append((option, f"{option} ({class_path}): {problem}"))
-            workers = getattr(built, "num_workers", None)
-            if isinstance(workers, int) and workers < 1:  # a pool of worker processes, started at first use
-                line = f"{option}.init_args.num_workers={workers}: must be >= 1 (worker processes)"
-                errors.append((option, line))
     return errors
 
 
-def _build(hint: Any, value: Any) -> tuple[Any, str | None]:
-    """`value` (a parsed `class_path` option) built as `hint`, or why it cannot be."""
+def _build_problem(hint: Any, value: Any) -> str | None:
+    """Why `value` (a parsed `class_path` option) cannot be built as `hint`, or None."""
     types = [t for t in typing.get_args(hint) if t is not type(None)] if typing.get_origin(hint) else [hint]
     types = [t for t in types if isinstance(t, type) and t not in (int, float)]
     if len(types) != 1:
-        return None, None
+        return None
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--value", type=types[0])
     plain = value.as_dict() if isinstance(value, Namespace) else value
     try:
-        return parser.instantiate(parser.parse_object({"value": plain})).value, None
+        parser.instantiate(parser.parse_object({"value": plain}))
     except (ValueError, TypeError) as error:
-        return None, union_reason(" ".join(str(error).split()))
+        return union_reason(" ".join(str(error).split()))
     except Exception:  # anything else is for the real build to report
-        return None, None
+        return None
+    return None
 
 
 def _check_data(model: Any, data: Any) -> list[str]:
@@ -189,6 +189,50 @@ def _check_data(model: Any, data: Any) -> list[str]:
         eval_batch_size=value(data, "eval_batch_size", data_defaults),
         sft_mixing=mixing,
     )
+
+
+def _check_record_counts(data: Any, trainer: Any) -> list[str]:
+    """Each training set against one step's draw of every process, counted before anything loads
+    (`record_bound`): the sampler draws from every set whose per-step count is >= 1, whatever the
+    phases, and would refuse a smaller set only after the model loaded. `EpochSampler` checks again
+    after loading, for hub datasets and for what `data.gold_audit=drop` leaves out."""
+    processes = _processes(trainer)
+    synthetic = get_option(data, "synthetic")
+    defaults = inspect.signature(HybridDataModule.__init__).parameters
+    errors = []
+    for key in ("expert", "prompts"):
+        per_step = get_option(data, f"{key}_per_step", defaults[f"{key}_per_step"].default)
+        source = get_option(data, key)
+        if not isinstance(per_step, int) or per_step < 1:
+            continue  # 0 draws nothing; below 0 is `data_option_problems`'s
+        if synthetic is not None:
+            bound = synthetic_bound(synthetic)
+        else:
+            bound = record_bound(f"data.{key}", init_args(source)) if source is not None else None
+        needed = per_step * (processes or 1)
+        if bound is None or bound[0] >= needed:
+            continue
+        times = ""
+        if processes is not None:
+            times = " x 1 process" if processes == 1 else f" x {processes} processes = {needed}"
+        errors.append(f"data.{key}_per_step={per_step}: {bound[1]}, fewer than {per_step} per step{times}")
+    return errors
+
+
+def _processes(trainer: Any) -> int | None:
+    """How many processes the Trainer starts (devices x nodes), where the config alone says it.
+    None where Lightning counts at start-up (`devices: auto` or -1 on an accelerator other than
+    the CPU): the record check then takes one process, a lower bound."""
+    devices, nodes = get_option(trainer, "devices", "auto"), get_option(trainer, "num_nodes", 1)
+    if isinstance(devices, str) and devices.strip().isdigit():
+        devices = int(devices)
+    elif isinstance(devices, (list, tuple)):
+        devices = len(devices)  # device indices
+    elif devices == "auto" and get_option(trainer, "accelerator") == "cpu":
+        devices = 1  # Lightning's CPU accelerator counts one device
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in (devices, nodes)):
+        return None
+    return devices * nodes
 
 
 def _check_groups(model: Any) -> list[str]:

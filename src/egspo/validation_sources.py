@@ -16,6 +16,8 @@ import torch
 from jsonargparse import Namespace
 from transformers import CONFIG_MAPPING, AutoConfig
 
+from egspo.data.records import count_records
+from egspo.data.synthetic import SyntheticArithmetic
 from egspo.hf_names import looks_local
 from egspo.model import hub_unreachable_reason
 
@@ -236,6 +238,37 @@ def check_checkpoint(path: Path) -> str | None:
     if not isinstance(checkpoint, dict) or "egspo" not in checkpoint:
         return "not an egspo training checkpoint (no 'egspo' state)"
     return None
+
+
+def record_bound(option: str, source: Any) -> tuple[int, str] | None:
+    """At most how many records the data source `option` (`data.prompts`) gives, and a phrase
+    saying where that number comes from, known before anything loads: the local file's count
+    (`egspo.data.records.count_records`), capped by the source's `limit`.
+
+    None where no such number is known: a hub dataset without a `limit` cannot be counted before
+    it loads (the sampler's check after loading, `EpochSampler`, speaks for it); an empty or
+    unreadable file is named by the loader in its own words."""
+    path, split, limit = (get_option(source, key) for key in ("path", "split", "limit"))
+    if not isinstance(path, str):
+        return None
+    limit = limit if isinstance(limit, int) and limit >= 1 else None  # below 1: the loader refuses it
+    if not looks_local(path):  # a hub dataset: only its `limit` is known
+        if limit is None:
+            return None
+        return limit, f"{option}.limit={limit} keeps at most {limit} records of {path}"
+    counted = count_records(path, split)
+    if counted is None or counted[1] == 0:
+        return None
+    file, count = counted
+    if limit is not None and limit < count:
+        return limit, f"{option}.limit={limit} keeps {limit} of the {count} records of {file}"
+    return count, f"{file} holds {count} records"
+
+
+def synthetic_bound(synthetic: Any) -> tuple[int, str]:
+    """The synthetic task's train split (its demonstrations and its RL prompts), as `record_bound`."""
+    size = get_option(synthetic, "train_size", SyntheticArithmetic.train_size)
+    return size, f"data.synthetic.train_size={size} gives {size} records"
 
 
 def _data_sources(data: Any) -> Iterator[tuple[str, Any]]:

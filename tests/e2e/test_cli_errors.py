@@ -89,6 +89,33 @@ CASES = [
         (*PROMPTS, "--data.prompts.path=TMP/folder"),
         "data.prompts.path=TMP/folder: a folder; give data.prompts.split to read <split>.jsonl in it",
     ),
+    # --- a set smaller than one step's draw (was: refused by the sampler after the model loaded)
+    Case(
+        "prompts_file_smaller_than_a_step",
+        (*PROMPTS, "--data.prompts.path=TMP/three.jsonl", "--data.prompts_per_step=4"),
+        "data.prompts_per_step=4: TMP/three.jsonl holds 3 records, fewer than 4 per step x 1 process",
+    ),
+    Case(
+        "prompts_file_smaller_than_a_step_of_every_process",
+        (*PROMPTS, "--data.prompts.path=TMP/three.jsonl", "--trainer.devices=2"),
+        "data.prompts_per_step=2: TMP/three.jsonl holds 3 records, fewer than 2 per step x 2 processes = 4",
+    ),
+    Case(
+        "expert_folder_smaller_than_a_step",
+        (
+            "--data.synthetic=null",
+            "--data.expert.path=TMP/folder",
+            "--data.expert.split=train",
+            "--data.prompts.path=TMP/golds.jsonl",
+            "--data.prompts_per_step=2",
+        ),
+        "data.expert_per_step=64: TMP/folder/train.jsonl holds 2 records, fewer than 64 per step x 1 process",
+    ),
+    Case(
+        "synthetic_task_smaller_than_a_step",
+        ("--data.synthetic.train_size=40",),
+        "data.expert_per_step=64: data.synthetic.train_size=40 gives 40 records, fewer than 64 per step x 1 process",
+    ),
     Case(
         "gold_audit_fail",
         (*PROMPTS, "--data.prompts.path=TMP/golds.jsonl", "--data.gold_audit=fail"),
@@ -372,7 +399,12 @@ CASES += [
     ),
     Case(
         "demonstrations_per_step_without_expert_data",
-        ("--data.synthetic=null", "--data.prompts.path=TMP/golds.jsonl", "--model.sft_iterations=0"),
+        (
+            "--data.synthetic=null",
+            "--data.prompts.path=TMP/golds.jsonl",
+            "--data.prompts_per_step=2",
+            "--model.sft_iterations=0",
+        ),
         "data.expert_per_step=64: no demonstrations to draw from; give data.expert, or set data.expert_per_step=0",
     ),
     # --- values accepted silently (was: test[:-5] evaluated) ---------------------------------
@@ -409,7 +441,7 @@ CASES += [
     Case(
         "reward_num_workers_0",
         ("--model.reward.init_args.num_workers=0",),
-        "model.reward.init_args.num_workers=0: must be >= 1 (worker processes)",
+        "model.reward (egspo.rewards.MathReward): num_workers must be >= 1, got 0",
     ),
     Case(
         "reward_option_refused_by_its_class",
@@ -459,6 +491,8 @@ def _write_inputs(tmp: Path) -> None:
     (tmp / "bad.jsonl").write_text(json.dumps(rows[0]) + '\n{"prompt": "2 + 2?", "answer": \n')
     (tmp / "missing.jsonl").write_text(json.dumps(rows[0]) + "\n" + json.dumps({"prompt": "2 + 2?"}) + "\n")
     (tmp / "empty.jsonl").write_text("")
+    three = [{"prompt": f"{i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    (tmp / "three.jsonl").write_text("\n".join(json.dumps(r) + "\n" for r in three) + "  \n")  # blank lines
     (tmp / "folder").mkdir()
     (tmp / "folder" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     golds = ["2", "\\{x \\mid x > 0\\}", "N = n", "x > 3"]

@@ -217,6 +217,44 @@ def _file_in_folder(folder: Path, split: str | None) -> Path:
     raise DataError(f"{folder}: no {split}.jsonl, {split}.json or {split}.parquet in this folder")
 
 
+def count_records(source: str, split: str | None = None) -> tuple[Path, int] | None:
+    """The local file that `load_examples(source, split=split)` reads and how many records it
+    holds, counted without building them: a JSONL file's non-blank lines, a JSON file's list (or
+    its `data` list), a parquet file's row count from its footer. None where that cannot be known
+    before loading: a hub dataset, or a file the loader refuses in its own words (missing,
+    malformed, not UTF-8, an unsupported type).
+
+    The check of a run's options uses it to refuse a set smaller than one step's draw while that
+    costs a read of the file, not a model load."""
+    path = Path(os.path.expanduser(source))
+    try:
+        if path.is_dir():
+            path = _file_in_folder(path, split)
+        count = _count_rows(path) if path.is_file() else None
+    except (DataError, OSError, ValueError):  # ValueError: malformed JSON
+        return None
+    return None if count is None else (path, count)
+
+
+def _count_rows(path: Path) -> int | None:
+    if path.suffix == ".jsonl":
+        with path.open("rb") as handle:  # a line at a time: no more memory than the longest line
+            return sum(1 for raw in handle if raw.strip())
+    if path.suffix == ".json":
+        data = json.loads(_decode(path.read_bytes(), path))
+        data = data["data"] if isinstance(data, dict) and isinstance(data.get("data"), list) else data
+        return len(data) if isinstance(data, list) else None
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_metadata(path).num_rows  # the footer only
+        except pa.ArrowException:
+            return None
+    return None
+
+
 def _read_file(path: Path) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".jsonl":
         return _read_jsonl(path)

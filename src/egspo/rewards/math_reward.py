@@ -241,6 +241,8 @@ class MathReward(RewardFunction):
     ) -> None:
         if timeout_seconds <= 0:
             raise ValueError(f"timeout_seconds must be > 0, got {timeout_seconds}")
+        if num_workers < 1:  # a pool of worker processes, started at the first call
+            raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         if max_completion_chars < 1 or max_answer_chars < 1:
             raise ValueError("max_completion_chars and max_answer_chars must be >= 1")
         if not 0 <= rel_tol < 1:
