@@ -298,3 +298,19 @@ def test_rewards_are_configurable_by_class_path():
         assert isinstance(reward, RewardFunction)
         assert reward(["#### 3"], ["3"]).rewards.tolist()[0] >= 1.0
         reward.close()
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_workers": 0}, "num_workers must be >= 1, got 0"),
+        ({"num_workers": -2}, "num_workers must be >= 1, got -2"),
+        ({"timeout_seconds": 0}, "timeout_seconds must be > 0"),
+        ({"rel_tol": 1.0}, r"rel_tol must be in \[0, 1\)"),
+    ],
+)
+def test_math_reward_refuses_bad_options_when_built(options, message):
+    """Refused in the constructor, so the config check names the option before any model loads
+    (not at the first reward call, when the worker pool starts)."""
+    with pytest.raises(ValueError, match=message):
+        MathReward(**options)
