@@ -42,7 +42,9 @@ weights, so both stop alike.
 
 Layout: this file is the entry point (options, the BENCHMARKS.md writer, worker dispatch);
 `bench_common.py` the shared settings and helpers; `bench_egspo.py` and `bench_trl.py` the two
-sides' workers; `bench_rl.py` section 3; `bench_sections.py` sections 1, 2, 4 and 5.
+sides' workers; `bench_rl.py` section 3; `bench_sections.py` sections 1, 2, 4 and 5;
+`bench_rl_vllm.py` (its own entry point) section 7's whole RL iteration with vLLM, each side
+running these workers in its own environment.
 
     pip install -e ".[bench]"
     python scripts/bench.py --quick --output /tmp/BENCHMARKS.quick.md   # smoke run of every CPU row (minutes)

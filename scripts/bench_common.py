@@ -134,10 +134,11 @@ def run_script(name: str, *args: str) -> str:
     return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT, env=worker_env()).stdout
 
 
-def run_worker(spec: dict) -> dict:
-    """Run one case in a fresh interpreter; its last stdout line is a JSON result."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--_worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=worker_env(), cwd=ROOT)
+def run_worker(spec: dict, python: str | None = None, env: dict[str, str] | None = None) -> dict:
+    """Run one case in a fresh interpreter (this one's python, or `python`: another environment's,
+    with `env` added to `worker_env()`); its last stdout line is a JSON result."""
+    cmd = [python or sys.executable, str(ROOT / "scripts" / "bench.py"), "--_worker", json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**worker_env(), **(env or {})}, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {spec['kind']} failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -242,10 +243,13 @@ def save_model(shape: dict, path: Path, stop_prob: float | None = None) -> float
 
 # =========================================================================== what each RL side records
 class RoundLog:
-    """Per generation round: the reseed, generation time, tokens, update time, wall time.
+    """Per generation round: the reseed, weight sync, generation time, tokens, scoring, update, wall time.
 
-    Both sides feed it from the same places (right around sampling, around the update, at the end
-    of the optimizer step), so the split means the same on both.
+    Both sides feed it from the same places (the weight push before sampling, right around sampling,
+    around the update, at the end of the optimizer step), so the split means the same on both:
+    sync (pushing the new weights into a vLLM engine; none for the HF engines), generation (the
+    engine's sampling call), scoring (from sampling's end to the update's start: rewards, old
+    log-probs, advantages), update, and the rest of the round.
     """
 
     def __init__(self, warmup: int) -> None:
@@ -253,7 +257,13 @@ class RoundLog:
         self.rounds: list[dict] = []
         self.ends: list[tuple[float, float]] = []  # (wall, process CPU) at each round's end
         self._start = 0.0
+        self._generation_end = 0.0
+        self._sync = 0.0  # weight sync seconds since the last round's sampling
         self.update_from: float | None = None
+
+    def add_sync(self, seconds: float) -> None:
+        """A weight push into the sampler (before this round's sampling)."""
+        self._sync += seconds
 
     def before_generation(self) -> None:
         import torch
@@ -263,18 +273,23 @@ class RoundLog:
 
     def after_generation(self, end: float, prompts: list[list[int]], completions: list[list[int]]) -> None:
         """Record a round's sampling (`end`: when sampling returned; the bookkeeping is not timed)."""
+        self._generation_end = end
         self.rounds.append(
             {
                 "generation_s": end - self._start,
+                "sync_s": self._sync,
                 "tokens": sum(len(c) for c in completions),
                 "digest": digest(completions),
                 "prompt_digest": digest(prompts),
             }
         )
+        self._sync = 0.0
 
     def add_update(self, seconds: float, attended: int | None = None) -> None:
-        """The update's time, and the tokens it ran through the decoder (for MFU) when known."""
-        self.rounds[-1].update(update_s=seconds, attended=attended)
+        """The update's time (called as it ends), and the tokens it ran through the decoder (for
+        MFU) when known; scoring is what lay between sampling's end and the update's start."""
+        scoring = time.perf_counter() - seconds - self._generation_end
+        self.rounds[-1].update(update_s=seconds, scoring_s=scoring, attended=attended)
 
     def round_end(self) -> None:
         self.ends.append((time.perf_counter(), time.process_time()))
@@ -290,6 +305,12 @@ class RoundLog:
 def token_rows(ids, mask) -> list[list[int]]:
     """The tokens of each row where `mask` is set."""
     return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+def cut_at_stop(rows: list[list[int]], stop_ids: list[int]) -> list[list[int]]:
+    """Each row up to and including its first stop token (a row without one, whole)."""
+    stops = set(stop_ids)
+    return [row[: next((i + 1 for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
 def completion_rows(completion_ids, stop_ids: list[int]) -> list[list[int]]:

@@ -131,12 +131,25 @@ def demonstration_tokens(module, batch: dict[str, list[str]]) -> int:
 
 # =========================================================================== timing around a run
 class LoggedEngine:
-    """The module's engine, reseeded, timed and recorded around each call."""
+    """The module's engine, reseeded, timed and recorded around each call.
+
+    An engine that keeps its own copy of the weights (`VLLMEngine`: `stale` after an optimizer
+    step) gets them pushed first, timed as the round's weight sync, as TRL syncs before sampling.
+    """
 
     def __init__(self, inner, log: RoundLog) -> None:
         self.inner, self.log = inner, log
+        self.scores_what_it_samples = getattr(inner, "scores_what_it_samples", True)
+
+    def mark_stale(self) -> None:
+        if hasattr(self.inner, "mark_stale"):
+            self.inner.mark_stale()
 
     def generate(self, model, input_ids, attention_mask, params):
+        if getattr(self.inner, "stale", False):
+            start = time.perf_counter()
+            self.inner.sync_weights(model)
+            self.log.add_sync(time.perf_counter() - start)
         self.log.before_generation()
         rollout = self.inner.generate(model, input_ids, attention_mask, params)
         end = time.perf_counter()

