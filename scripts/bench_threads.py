@@ -1,4 +1,4 @@
-"""The demo's speed beside busy processes, under the old and the new OpenMP defaults.
+"""The demo's speed beside busy processes, under the old and the new thread defaults.
 
     python scripts/bench_threads.py                          # README table: 3 interleaved repetitions
     python scripts/bench_threads.py --reps 1 --busy 0 1      # a quick look at the direction
@@ -8,12 +8,16 @@ Each run is `python -m egspo fit --config configs/demo.yaml` with `--iterations`
 (imports, building the tokenizer and model). "Busy" processes are single-threaded spinning
 Python processes (`while True: pass`) started before the run and killed after it.
 
-Variants (environment of the run):
-- `old`: libgomp's own default (no OMP_WAIT_POLICY): idle OpenMP threads spin about 3 ms
-  (GOMP_SPINCOUNT=300000) before sleeping. Set explicitly here, since egspo's CLI now chooses
-  a default only when none of OMP_WAIT_POLICY, GOMP_SPINCOUNT, KMP_BLOCKTIME is set.
-- `new`: nothing set: the CLI's default (OMP_WAIT_POLICY=PASSIVE, set at the top of `egspo/cli.py`).
-- `1 thread`: the old default with OMP_NUM_THREADS=1.
+Variants (environment of the run; `cores` = the CPUs this process may use, torch's own count):
+- `old`: torch's thread count fixed (OMP_NUM_THREADS=cores, which keeps egspo's CLI from fitting
+  it) and libgomp's own waiting: idle OpenMP threads spin about 3 ms (GOMP_SPINCOUNT=300000)
+  before they sleep. What egspo did before issue 20.
+- `new`: nothing set: the CLI's default, `egspo.callbacks.AdaptiveThreads` (the thread count
+  follows the cores other processes leave free, checked every second; libgomp's own waiting).
+- `passive`: OMP_NUM_THREADS=cores and OMP_WAIT_POLICY=PASSIVE (idle threads sleep at once), the
+  CLI's default for a while during issue 20.
+- `1 thread`: OMP_NUM_THREADS=1.
+- `spin 10k`, `spin 30k`: OMP_NUM_THREADS=cores and a shorter spin (libgomp only).
 
 The repetitions are interleaved (every variant x load once, in a shuffled order, then again),
 so that a change of the machine's background load spreads over all cells. The load average is
@@ -39,13 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 # Environment variables that steer OpenMP's waiting; each run starts with none of them set.
 OPENMP_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+CORES = str(len(os.sched_getaffinity(0)))
 VARIANTS: dict[str, dict[str, str]] = {
-    "old": {"GOMP_SPINCOUNT": "300000"},
+    "old": {"OMP_NUM_THREADS": CORES, "MKL_NUM_THREADS": CORES},
     "new": {},
-    "1 thread": {"GOMP_SPINCOUNT": "300000", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
-    # other candidates, for comparison: a shorter spin (libgomp only), one thread without spinning
-    "spin 10k": {"GOMP_SPINCOUNT": "10000"},
-    "1 thread, passive": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    "passive": {"OMP_NUM_THREADS": CORES, "MKL_NUM_THREADS": CORES, "OMP_WAIT_POLICY": "PASSIVE"},
+    "1 thread": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+    "spin 10k": {"OMP_NUM_THREADS": CORES, "MKL_NUM_THREADS": CORES, "GOMP_SPINCOUNT": "10000"},
+    "spin 30k": {"OMP_NUM_THREADS": CORES, "MKL_NUM_THREADS": CORES, "GOMP_SPINCOUNT": "30000"},
 }
 BUSY = "while True: pass"
 
@@ -129,7 +134,9 @@ def main() -> None:
     parser.add_argument(
         "--busy", type=int, nargs="+", default=[0, 1, 2], help="busy processes beside the run"
     )
-    parser.add_argument("--variants", nargs="+", default=["old", "new", "1 thread"], choices=list(VARIANTS))
+    parser.add_argument(
+        "--variants", nargs="+", default=["old", "new", "passive", "1 thread"], choices=list(VARIANTS)
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_threads")
     parser.add_argument("--seed", type=int, default=0, help="seeds the order of the interleaved runs")
     args = parser.parse_args()

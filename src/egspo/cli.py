@@ -11,21 +11,8 @@ whatever the config alone decides is checked before any model loads. `--debug` (
 
 from __future__ import annotations
 
-import os
-
-# OpenMP's idle threads wait for the next parallel region by spinning (libgomp: about 3 ms,
-# GOMP_SPINCOUNT=300000, before they sleep). On a machine whose cores other processes also
-# want, e.g. a laptop doing other things, or the reward's verifier processes beside the
-# trainer, a spinning thread holds a core the others need, and the thread it waits for waits
-# for that core: the demo ran 3.1x slower beside one busy process on 2 cores, against 1.4x with
-# PASSIVE waiting (threads sleep at once; README "On a busy machine", scripts/bench_threads.py).
-# Set before torch loads its OpenMP runtime (which reads it once), and only when the user has
-# chosen no waiting policy; PASSIVE is read by GNU (libgomp) and Intel (libiomp) OpenMP alike.
-# Child processes (the verifier workers) inherit it.
-if not any(knob in os.environ for knob in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")):
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-
 import itertools
+import os
 import re
 import sys
 from pathlib import Path
@@ -52,6 +39,7 @@ TRAINER_DEFAULTS = {
     "reload_dataloaders_every_n_epochs": 1,
 }
 CHECKPOINT_CALLBACK = "egspo.callbacks.IterationCheckpoint"
+THREADS_CALLBACK = "egspo.callbacks.AdaptiveThreads"
 SUBCOMMANDS = ("fit", "validate", "test")
 # jsonargparse raises instead of printing its usage text and exiting: `main` makes the error one line.
 PARSER_KWARGS = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}}
@@ -60,7 +48,8 @@ DEBUG_HINT = "(run with --debug or EGSPO_DEBUG=1 for the traceback)"
 
 class EGSPOCLI(LightningCLI):
     """LightningCLI with the data's phases tied to the module's, checks before any model loads,
-    an `IterationCheckpoint` unless the config names its own, and `--ckpt_path last` resolved."""
+    an `IterationCheckpoint` unless the config names its own, `AdaptiveThreads` unless
+    `OMP_NUM_THREADS` is set, and `--ckpt_path last` resolved."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -100,6 +89,7 @@ class EGSPOCLI(LightningCLI):
                 sys.stderr.write(f"warning: {line}\n")
             _set_phase_epochs(config)
             _add_checkpoint_callback(config)
+            _add_threads_callback(config)
         self.ckpt_path: str | None = None
         if subcommand is not None and config.get("ckpt_path"):
             self.ckpt_path = str(_resolve_checkpoint(config))
@@ -122,6 +112,17 @@ def _add_checkpoint_callback(config: Namespace) -> None:
     if config.trainer.enable_checkpointing is False or any(n.endswith("Checkpoint") for n in named):
         return
     config.trainer.callbacks = [*callbacks, Namespace(class_path=CHECKPOINT_CALLBACK, init_args=Namespace())]
+
+
+def _add_threads_callback(config: Namespace) -> None:
+    """Torch's thread count fitted to the free cores (`egspo.threads`: on a busy machine, spinning
+    OpenMP threads made the demo 2.4-3.1x slower), unless `OMP_NUM_THREADS` fixes the count or the
+    config already names the callback."""
+    callbacks = config.trainer.callbacks or []
+    named = [str(c.get("class_path", "")) for c in callbacks if isinstance(c, (dict, Namespace))]
+    if "OMP_NUM_THREADS" in os.environ or any(n.endswith("AdaptiveThreads") for n in named):
+        return
+    config.trainer.callbacks = [*callbacks, Namespace(class_path=THREADS_CALLBACK, init_args=Namespace())]
 
 
 def _resolve_checkpoint(config: Namespace) -> Path:

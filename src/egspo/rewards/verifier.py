@@ -76,7 +76,7 @@ class _Batch:
 def _worker_env() -> dict[str, str]:
     """The trainer's environment, with one thread per worker and passive OpenMP waiting unless
     the user chose otherwise: the workers share the cores with the trainer, and an idle OpenMP
-    thread that spins holds a core the trainer waits for (as ``egspo.cli`` sets for the trainer)."""
+    thread that spins holds a core the trainer waits for."""
     env = dict(os.environ)
     for knob in _THREAD_KNOBS:
         env.setdefault(knob, "1")
