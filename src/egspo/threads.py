@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -61,6 +62,16 @@ def fitted_threads(current: int, free_cores: float, max_threads: int, margin: fl
     return max(1, min(max_threads, round(free_cores)))
 
 
+class Sample(NamedTuple):
+    """Clock ticks of all CPUs and of this run's processes, at one moment."""
+
+    seconds: float  # time.monotonic()
+    busy: int
+    total: int
+    cpus: int
+    ours: int
+
+
 class ThreadGovernor:
     """Sets torch's intra-op thread count to the cores other processes leave free.
 
@@ -76,25 +87,29 @@ class ThreadGovernor:
         self.other_cores = 0.0  # cores the other processes used over the last interval
         self._last = self._sample()
 
-    def _sample(self) -> tuple[float, int, int, int, int] | None:
+    def _sample(self) -> Sample | None:
         system = system_jiffies()
-        return None if system is None else (time.monotonic(), *system, tree_jiffies(self.pid))
+        return None if system is None else Sample(time.monotonic(), *system, tree_jiffies(self.pid))
 
     def update(self) -> int:
         """Measure (when an interval has passed) and set the thread count; returns it."""
         if self._last is None or self.max_threads < 2:
             return self.threads
-        if time.monotonic() - self._last[0] < self.interval_seconds:
+        if time.monotonic() - self._last.seconds < self.interval_seconds:
             return self.threads
         now = self._sample()
         if now is None:
             return self.threads
-        busy, total, ours = now[1] - self._last[1], now[2] - self._last[2], now[4] - self._last[4]
+        busy, total, ours = (
+            now.busy - self._last.busy,
+            now.total - self._last.total,
+            now.ours - self._last.ours,
+        )
         self._last = now
         if total <= 0:
             return self.threads
-        cpus = min(now[3], len(os.sched_getaffinity(0)))
-        self.other_cores = max(0.0, (busy - ours) / total * now[3])
+        self.other_cores = max(0.0, (busy - ours) / total * now.cpus)
+        cpus = min(now.cpus, len(os.sched_getaffinity(0)))
         threads = fitted_threads(self.threads, cpus - self.other_cores, self.max_threads)
         if threads != self.threads:
             torch.set_num_threads(threads)

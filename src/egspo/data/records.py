@@ -231,7 +231,7 @@ def count_records(source: str, split: str | None = None) -> tuple[Path, int] | N
         if path.is_dir():
             path = _file_in_folder(path, split)
         count = _count_rows(path) if path.is_file() else None
-    except (DataError, OSError, ValueError):  # ValueError: malformed JSON
+    except (DataError, OSError):
         return None
     return None if count is None else (path, count)
 
@@ -241,9 +241,7 @@ def _count_rows(path: Path) -> int | None:
         with path.open("rb") as handle:  # a line at a time: no more memory than the longest line
             return sum(1 for raw in handle if raw.strip())
     if path.suffix == ".json":
-        data = json.loads(_decode(path.read_bytes(), path))
-        data = data["data"] if isinstance(data, dict) and isinstance(data.get("data"), list) else data
-        return len(data) if isinstance(data, list) else None
+        return len(_json_records(path))
     if path.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -293,7 +291,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             yield f":{number}", row
 
 
-def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+def _json_records(path: Path) -> list[Any]:
+    """The records of a JSON file: its list, or the list under its `data` key."""
     try:
         data = json.loads(_decode(path.read_bytes(), path))
     except json.JSONDecodeError as exc:
@@ -302,7 +301,11 @@ def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
         data = data["data"]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
-    for number, row in enumerate(data, start=1):
+    return data
+
+
+def _read_json(path: Path) -> Iterator[tuple[str, Any]]:
+    for number, row in enumerate(_json_records(path), start=1):
         yield f": record {number}", row
 
 
