@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_model import tiny_qwen2
+from tiny_model import padded_prompts, stop_ids, tiny_qwen2
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from egspo.rollout import (
@@ -29,7 +29,6 @@ from egspo.rollout import (
 )
 from egspo.scoring import position_ids_from_mask, token_logprobs
 
-TEXTS = ["What is 2 + 3?", "Tom has 4 apples and buys 7 more. How many now?", "7 * 8 =", "Add 12 and 30."]
 # Small paged cache: the automatic sizing is meant for a GPU's memory.
 CB_OPTIONS = {"num_blocks": 32, "max_batch_tokens": 256}
 
@@ -64,15 +63,7 @@ def model(tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
-    """Four prompts of different lengths, left-padded."""
-    batch = tiny_tokenizer(TEXTS, padding=True, return_tensors="pt")
-    assert (batch.attention_mask == 0).any(), "the prompts should need padding"
-    return batch.input_ids, batch.attention_mask
-
-
-def _stop_ids(vocab_size: int, count: int = 24) -> tuple[int, ...]:
-    """Enough stop tokens that a random model stops after ~vocab/count steps: lengths vary."""
-    return tuple(torch.randperm(vocab_size, generator=torch.Generator().manual_seed(1))[:count].tolist())
+    return padded_prompts(tiny_tokenizer)
 
 
 def _tempered_scores(model, rollout: Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,7 +245,7 @@ def test_recorded_logprobs_and_entropy_equal_the_scored_ones(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        stop_token_ids=_stop_ids(len(tiny_tokenizer)),
+        stop_token_ids=stop_ids(len(tiny_tokenizer)),
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
@@ -284,7 +275,7 @@ def test_model_generation_config_changes_nothing(prompts, tiny_tokenizer, engine
         max_new_tokens=10,
         num_samples=2,
         temperature=0.8,
-        stop_token_ids=_stop_ids(len(tiny_tokenizer)),
+        stop_token_ids=stop_ids(len(tiny_tokenizer)),
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     torch.manual_seed(3)
@@ -393,7 +384,7 @@ def test_continuous_batching_samples_score_as_the_tempered_softmax(prompts, tiny
         max_new_tokens=12,
         num_samples=3,
         temperature=0.7,
-        stop_token_ids=_stop_ids(len(tiny_tokenizer)),
+        stop_token_ids=stop_ids(len(tiny_tokenizer)),
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     torch.manual_seed(0)

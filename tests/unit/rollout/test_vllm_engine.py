@@ -12,14 +12,13 @@ import math
 
 import pytest
 import torch
-from tiny_model import tiny_qwen2
+from tiny_model import PROMPT_TEXTS, padded_prompts, stop_ids, tiny_qwen2
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from egspo.losses import MismatchCorrection, rollout_correction
 from egspo.rollout import HFGenerateEngine, Rollout, SamplingParams, VLLMEngine
 from egspo.scoring import position_ids_from_mask
 
-TEXTS = ["What is 2 + 3?", "Tom has 4 apples and buys 7 more. How many now?", "7 * 8 =", "Add 12 and 30."]
 # vLLM's CPU attention kernels need a head size of 32 or more (tiny_qwen2's is 8).
 SHAPE = {"hidden_size": 64, "num_attention_heads": 2, "num_key_value_heads": 1}
 OPTIONS = {"enforce_eager": True, "kv_cache_memory_bytes": 64 << 20, "max_model_len": 256}
@@ -48,14 +47,7 @@ def engine(model):
 
 @pytest.fixture(scope="module")
 def prompts(tiny_tokenizer):
-    batch = tiny_tokenizer(TEXTS, padding=True, return_tensors="pt")
-    assert (batch.attention_mask == 0).any(), "the prompts should need padding"
-    return batch.input_ids, batch.attention_mask
-
-
-def _stop_ids(vocab_size: int, count: int = 24) -> tuple[int, ...]:
-    """Enough stop tokens that a random model stops after ~vocab/count steps: lengths vary."""
-    return tuple(torch.randperm(vocab_size, generator=torch.Generator().manual_seed(1))[:count].tolist())
+    return padded_prompts(tiny_tokenizer)
 
 
 def _tempered_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
@@ -108,13 +100,13 @@ def test_engine_declares_that_it_does_not_score_what_it_samples():
 
 def test_samples_are_grouped_per_prompt_and_end_at_their_first_stop_token(engine, model, prompts):
     input_ids, attention_mask = prompts
-    stops = _stop_ids(model.config.vocab_size)
+    stops = stop_ids(model.config.vocab_size)
     params = SamplingParams(max_new_tokens=24, num_samples=4, temperature=0.7, stop_token_ids=stops)
     torch.manual_seed(0)
     rollout = engine.generate(model, input_ids, attention_mask, params)
 
     n, width = rollout.completion_mask.shape
-    assert n == len(TEXTS) * 4 and width <= params.max_new_tokens
+    assert n == len(PROMPT_TEXTS) * 4 and width <= params.max_new_tokens
     assert torch.equal(rollout.input_ids[:, : rollout.prompt_length], input_ids.repeat_interleave(4, dim=0))
     is_stop = torch.isin(rollout.completion_ids, torch.tensor(stops))
     lengths = rollout.completion_mask.sum(1)
@@ -128,8 +120,8 @@ def test_samples_are_grouped_per_prompt_and_end_at_their_first_stop_token(engine
         assert (rollout.completion_ids[row, length:] == params.pad_token_id).all()
     assert (~rollout.truncated).any() and len(lengths.unique()) > 1, "lengths should vary"
     # The G samples of a prompt differ from each other (distinct seeds).
-    first = rollout.completion_ids.view(len(TEXTS), 4, -1)
-    assert all(len({tuple(r.tolist()) for r in first[i]}) > 1 for i in range(len(TEXTS)))
+    first = rollout.completion_ids.view(len(PROMPT_TEXTS), 4, -1)
+    assert all(len({tuple(r.tolist()) for r in first[i]}) > 1 for i in range(len(PROMPT_TEXTS)))
 
     # Log-probs: the tempered distribution the trainer scores, up to vLLM's kernels (fp32).
     assert rollout.entropy is None and rollout.logprobs is not None
@@ -145,7 +137,7 @@ def test_samples_are_grouped_per_prompt_and_end_at_their_first_stop_token(engine
 
 def test_greedy_equals_hf_greedy_token_for_token(engine, model, prompts):
     params = SamplingParams(
-        max_new_tokens=20, num_samples=1, greedy=True, stop_token_ids=_stop_ids(model.config.vocab_size)
+        max_new_tokens=20, num_samples=1, greedy=True, stop_token_ids=stop_ids(model.config.vocab_size)
     )
     got = engine.generate(model, *prompts, params)
     want = HFGenerateEngine().generate(model, *prompts, params)
@@ -167,7 +159,7 @@ def test_seeds_come_from_the_torch_rng_and_leave_its_stream_alone(engine, model,
     assert not torch.equal(a.completion_ids, c.completion_ids), "another seed, other samples"
     # The trainer's stream advanced by the per-prompt seed draws only, not by vLLM's own use.
     torch.manual_seed(7)
-    torch.randint(0, 2**31 - 1 - params.num_samples, (len(TEXTS),))
+    torch.randint(0, 2**31 - 1 - params.num_samples, (len(PROMPT_TEXTS),))
     assert torch.equal(after_a, torch.rand(4))
 
 
