@@ -7,7 +7,8 @@ import pytest
 import torch
 
 # The engines' test module holds the model and prompt fixtures (and their helpers) that these tests share.
-from test_engines import _model, _stop_ids, model, prompts  # noqa: F401
+from test_engines import _model, model, prompts  # noqa: F401
+from tiny_model import stop_ids
 
 from egspo.rollout import HFGenerateEngine, SamplingParams, SharedPrefillEngine
 
@@ -16,7 +17,7 @@ def test_shared_prefill_prefills_once_per_prompt_and_steps_only_live_rows(model,
     params = SamplingParams(
         max_new_tokens=16,
         num_samples=4,
-        stop_token_ids=_stop_ids(len(tiny_tokenizer), count=40),
+        stop_token_ids=stop_ids(len(tiny_tokenizer), count=40),
         pad_token_id=tiny_tokenizer.pad_token_id,
     )
     calls: list[tuple[int, int]] = []
