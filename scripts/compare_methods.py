@@ -24,6 +24,10 @@
 
        python scripts/compare_methods.py --reuse --seeds $(seq 0 19) --paired egspo_mu:chord_phi \
            --paired egspo:grpo --paired top_entropy:grpo --out results/paired
+
+   Where the run folders are gone (another machine, a clean checkout), `--earlier compare.json`
+   takes the runs an earlier report holds, if it used the same protocol and its warm-up measured
+   the same held-out metrics as this one's; the report says which runs came from it.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class RunResult:
     error: str = ""
     final: dict[str, float] = field(default_factory=dict)  # headline metrics after RL (mean over eval sets)
     curves: dict[str, dict[int, float]] = field(default_factory=dict)  # per RL iteration
+    earlier: str = ""  # the compare.json this result was taken from (--earlier), else ""
 
 
 # ----------------------------------------------------------------------------- warm-up
@@ -202,6 +207,57 @@ def finished(result: RunResult) -> RunResult | None:
     result.wall_time = json.loads(marker.read_text())["wall_time_s"]
     collected = collect(result)
     return collected if collected.ok else None
+
+
+# What must match for an earlier report's runs to stand beside this invocation's.
+EARLIER_SETTINGS = (
+    "config",
+    "rl_iterations",
+    "prompts_per_step",
+    "num_generations",
+    "max_completion_length",
+    "optimizer_steps_per_rollout_batch",
+    "eval_num_samples",
+    "eval_every",
+    "quick",
+    "threads",
+    "overrides",
+)
+
+
+def load_earlier(
+    path: Path, settings: dict[str, object], sft: dict[str, float]
+) -> dict[tuple[str, int], RunResult]:
+    """The finished runs of an earlier report (`--earlier`), by (arm, seed).
+
+    They stand in for run folders that are gone (another machine, a clean checkout) only when the
+    earlier report used the same protocol and its warm-up measured the same held-out metrics as
+    this one's: otherwise the arms would not start from the same policy. Exits with one line if not.
+    """
+    try:
+        payload = json.loads(path.read_text())
+        earlier_settings, earlier_sft, runs = payload["settings"], payload["sft"], payload["runs"]
+    except (OSError, ValueError, KeyError) as error:
+        sys.exit(f"--earlier {path}: not a compare.json this script wrote ({error})")
+    for key in EARLIER_SETTINGS:
+        if str(earlier_settings.get(key)) != str(settings.get(key)):
+            sys.exit(
+                f"--earlier {path}: {key} was {earlier_settings.get(key)!r}, this run has {settings.get(key)!r}"
+            )
+    for key in sorted(set(sft) | set(earlier_sft)):
+        if not math.isclose(sft.get(key, math.nan), earlier_sft.get(key, math.nan), abs_tol=1e-9):
+            sys.exit(
+                f"--earlier {path}: its warm-up measured {key}={earlier_sft.get(key)}, this one "
+                f"{sft.get(key)}: the runs would not start from the same policy"
+            )
+    found = {}
+    for run in runs:
+        if not run.get("ok"):
+            continue
+        curves = {name: {int(it): v for it, v in curve.items()} for name, curve in run["curves"].items()}
+        result = RunResult(**{**run, "curves": curves, "earlier": str(path)})
+        found[result.method, result.seed] = result
+    return found
 
 
 def collect(result: RunResult) -> RunResult:
@@ -465,6 +521,18 @@ def write_report(
             "",
             format_paired(tests, labels),
         ]
+    reused = [r for r in results if r.earlier]
+    if reused:
+        sources = ", ".join(sorted({r.earlier for r in reused}))
+        which = "; ".join(
+            f"{labels.get(m, m)} seeds {' '.join(str(r.seed) for r in reused if r.method == m)}"
+            for m in dict.fromkeys(r.method for r in reused)
+        )
+        lines += [
+            "",
+            f"{len(reused)} of the {len(results)} runs are taken from an earlier report ({sources}: same "
+            f"protocol, its warm-up measured the same held-out metrics): {which}.",
+        ]
     if failed:
         lines += ["", "Failed runs:", *(f"- {r.method} seed {r.seed}: {r.error}" for r in failed)]
     path = out / "compare.md"
@@ -538,6 +606,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="write the report from the runs an earlier invocation finished; train nothing",
     )
+    parser.add_argument(
+        "--earlier",
+        type=Path,
+        default=None,
+        metavar="COMPARE_JSON",
+        help="take runs whose folders are gone from an earlier report (same protocol and warm-up metrics)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model and budget: a smoke test")
     parser.add_argument(
         "--set",
@@ -601,6 +676,21 @@ def main(argv: list[str] | None = None) -> Path:
         f"--trainer.val_check_interval={eval_every}",
         f"--model.update.mini_batch_size={rollout_batch // args.steps_per_batch}",
     ]
+    settings = {
+        "config": os.path.relpath(args.config, ROOT),
+        **budget,
+        "optimizer_steps_per_rollout_batch": args.steps_per_batch,
+        "seeds": " ".join(map(str, args.seeds)),
+        "eval_num_samples": args.eval_samples,
+        "eval_every": eval_every,
+        "quick": args.quick,
+        "sft_time_s": round(sft_time),
+        "rl_time_s": 0,
+        "jobs": args.jobs,
+        "threads": args.threads,
+        "overrides": " ".join(args.overrides) or "none",
+    }
+    earlier = load_earlier(args.earlier, settings, sft) if args.earlier else {}
     jobs = []
     for seed in args.seeds:  # seed-major: partial results cover every arm early
         for arm in arms:
@@ -612,11 +702,12 @@ def main(argv: list[str] | None = None) -> Path:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = []
         for command, result in jobs:
-            earlier = finished(result) if args.reuse or args.report_only else None
-            if earlier is None and args.report_only:
+            done_before = finished(result) if args.reuse or args.report_only else None
+            done_before = done_before or earlier.get((result.method, result.seed))
+            if done_before is None and args.report_only:
                 print(f"not run yet: {result.method} seed {result.seed}")
                 continue
-            futures.append(earlier if earlier else pool.submit(run_one, command, result, args.threads))
+            futures.append(done_before or pool.submit(run_one, command, result, args.threads))
         for future in futures:
             result = future if isinstance(future, RunResult) else future.result()
             done.append(result)
@@ -627,20 +718,9 @@ def main(argv: list[str] | None = None) -> Path:
                 f"{status} (about {eta / 60:.0f} min left)",
                 flush=True,
             )
-    settings = {
-        "config": os.path.relpath(args.config, ROOT),
-        **budget,
-        "optimizer_steps_per_rollout_batch": args.steps_per_batch,
-        "seeds": " ".join(map(str, args.seeds)),
-        "eval_num_samples": args.eval_samples,
-        "eval_every": eval_every,
-        "quick": args.quick,
-        "sft_time_s": round(sft_time),
-        "rl_time_s": round(time.perf_counter() - start),
-        "jobs": args.jobs,
-        "threads": args.threads,
-        "overrides": " ".join(args.overrides) or "none",
-    }
+    settings["rl_time_s"] = round(time.perf_counter() - start)
+    if earlier:
+        settings["earlier"] = os.path.relpath(args.earlier, ROOT)
     report = write_report(done, sft, args.out, settings, labels, args.paired)
     print(f"wrote {report}")
     return report

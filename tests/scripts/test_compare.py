@@ -242,3 +242,50 @@ def test_quick_comparison_end_to_end(tmp_path):
     assert 0.0 <= run["final"]["final_all_equal"] <= 1.0
     assert set(run["curves"]) == set(cm.CURVES)
     assert (tmp_path / "o" / "compare_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _earlier_report(path: Path, settings: dict, sft: dict, runs: list) -> Path:
+    path.write_text(json.dumps({"settings": settings, "sft": sft, "paired": {}, "runs": runs}))
+    return path
+
+
+def test_earlier_report_stands_in_for_missing_run_folders(tmp_path, capsys):
+    work, out = tmp_path / "w", tmp_path / "o"
+    (work / "sft" / "policy").mkdir(parents=True)
+    (work / "sft" / "policy" / "config.json").write_text("{}")
+    (work / "sft" / "metrics.json").write_text(json.dumps({"accuracy": 0.4}))
+    _finished_run(work / "grpo" / "seed1", 0.5, [0.2] * 11)  # a folder here wins over the report
+    _finished_run(work / "gspo" / "seed1", 0.7, [0.1] * 11)
+    common = ["--paired", "gspo:grpo", "--seeds", "0", "1", "--work", str(work), "--out", str(out)]
+    alone = cm.main(["--report-only", *common]).read_text()
+    assert "| GSPO - GRPO | accuracy | 1 | +0.200 " in alone and "earlier report" not in alone
+    settings = json.loads((out / "compare.json").read_text())["settings"]
+    old = [
+        asdict_run(result("gspo", 0, 0.9, 0.5, 10.0, {1: 0.3})),
+        asdict_run(result("grpo", 0, 0.6, 0.5, 10.0, {1: 0.3})),
+        asdict_run(result("grpo", 1, 0.1, 0.5, 10.0, {1: 0.3})),  # shadowed by the folder
+    ]
+    earlier = _earlier_report(tmp_path / "old.json", settings, {"accuracy": 0.4}, old)
+    report = cm.main(["--report-only", "--earlier", str(earlier), *common])
+    text = report.read_text()
+    assert "| GSPO - GRPO | accuracy | 2 | +0.250 " in text  # seed 0: 0.9 - 0.6, seed 1: 0.7 - 0.5
+    assert "2 of the 4 runs are taken from an earlier report" in text and "GSPO seeds 0; GRPO seeds 0" in text
+    runs = json.loads((out / "compare.json").read_text())["runs"]
+    assert sorted((r["method"], r["seed"]) for r in runs if r["earlier"]) == [("grpo", 0), ("gspo", 0)]
+    capsys.readouterr()
+    # another warm-up or another protocol: refused in one line, nothing mixed
+    for bad_settings, bad_sft, word in (
+        (settings, {"accuracy": 0.41}, "warm-up"),
+        ({**settings, "rl_iterations": 7}, {"accuracy": 0.4}, "rl_iterations"),
+    ):
+        bad = _earlier_report(tmp_path / "bad.json", bad_settings, bad_sft, old)
+        with pytest.raises(SystemExit) as error:
+            cm.main(["--report-only", "--earlier", str(bad), *common])
+        assert str(error.value).startswith(f"--earlier {bad}") and word in str(error.value)
+
+
+def asdict_run(run: cm.RunResult) -> dict:
+    """A run as compare.json stores it (JSON turns the curves' iteration keys into strings)."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(run)))
