@@ -12,6 +12,7 @@ Install: `pip install egspo[vllm]` on a GPU machine (vLLM pins its CUDA torch);
 
 from __future__ import annotations
 
+import atexit
 import copy
 import os
 import random
@@ -83,7 +84,10 @@ class VLLMEngine:
     into no-ops and would drop torch to one thread unless `OMP_NUM_THREADS` is set, so the engine
     sets `OMP_NUM_THREADS` to the trainer's thread count before building (an existing value wins).
     Under `torch.distributed` (several ranks) each rank's engine joins the trainer's process group
-    (`distributed_executor_backend="external_launcher"`, as TRL's colocate mode).
+    (`distributed_executor_backend="external_launcher"`, as TRL's colocate mode). vLLM's own
+    shutdown then tears that process group down, so `close()` is registered at exit when the
+    engine is built: it runs before the trainer's exit handlers (Lightning destroys an NCCL group
+    at exit), instead of vLLM's finaliser failing on a group already gone.
 
     Args (TRL's `vllm_*` / verl's `rollout.*` names and defaults):
         gpu_memory_utilization: share of the device's memory vLLM may take for weights, activations
@@ -157,6 +161,15 @@ class VLLMEngine:
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights(model)})
         self.stale = False
         self.syncs += 1
+
+    def close(self) -> None:
+        """Shut vLLM down: its engine core, KV cache and (several ranks) the process groups it
+        joined, the trainer's included. Called at exit; call it earlier only after the last
+        collective of the run."""
+        if self.llm is not None:
+            atexit.unregister(self.close)
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -282,6 +295,7 @@ class VLLMEngine:
             options["distributed_executor_backend"] = "external_launcher"
         with _rng_fenced():
             self.llm = LLM(**options)
+        atexit.register(self.close)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights(model)})
         self.stale = False
         self.syncs += 1
