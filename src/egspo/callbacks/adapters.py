@@ -7,6 +7,7 @@ from pathlib import Path
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from egspo.callbacks.run_dir import run_dir
 from egspo.distributed import full_state_dict, is_sharded
 
 
@@ -48,7 +49,7 @@ class AdapterExport(Callback):
                 self._warned = True
             return None
         state = full_state_dict(policy) if is_sharded(policy) else None  # a collective: every rank
-        path = Path(trainer.log_dir or trainer.default_root_dir) / "adapters" / name
+        path = run_dir(trainer) / "adapters" / name
         if trainer.is_global_zero:
             policy.save_pretrained(path, state_dict=state)
         trainer.strategy.barrier("adapter_export")

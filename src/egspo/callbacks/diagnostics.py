@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from egspo.callbacks.run_dir import run_dir
 from egspo.data.batches import IterationBatch
 from egspo.rollout import Experience
 
@@ -314,23 +315,26 @@ class EntropyDiagnostics(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs, batch: IterationBatch, batch_idx: int
     ) -> None:
         experience = batch.experience
-        if experience is None or not trainer.is_global_zero:
-            return
         done = pl_module.rl_iteration  # RL iterations completed, counting this one
-        if (done - 1) % self.every_n_iterations:
+        if experience is None or (done - 1) % self.every_n_iterations:
+            return
+        out_dir = run_dir(trainer) / "diagnostics"  # every rank: a collective under several processes
+        if not trainer.is_global_zero:
             return
         threshold = (outputs or {}).get("gate_threshold")
-        self.write(trainer, pl_module, experience, batch.prompts, threshold)
+        self.write(trainer, out_dir, pl_module, experience, batch.prompts, threshold)
 
     def write(
         self,
         trainer: Trainer,
+        out_dir: Path,
         pl_module: LightningModule,
         experience: Experience,
         questions: list[str] | None,
         threshold: float | None = None,
     ) -> Path:
-        """Draw `experience` now, the tokens at or above `threshold` (the gate's) outlined; returns the HTML path."""
+        """Draw `experience` into `out_dir` now, the tokens at or above `threshold` (the gate's)
+        outlined; returns the HTML path."""
         threshold = float(threshold) if threshold is not None else None
         mask = experience.completion_mask.bool()
         values = experience.entropy.float()[mask]
@@ -343,7 +347,6 @@ class EntropyDiagnostics(Callback):
             f"RL iteration {done}/{total} (iteration {pl_module.iteration}) - {right}/{len(experience)} "
             f"rollouts correct - {type(pl_module.policy_loss).__name__}"
         )
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "diagnostics"
         out_dir.mkdir(parents=True, exist_ok=True)
         stem = out_dir / f"iter_{pl_module.iteration:04d}"
         html_path = stem.with_suffix(".html")

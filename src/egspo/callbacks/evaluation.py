@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
+from egspo.callbacks.run_dir import run_dir
 from egspo.evaluation import Evaluator, RunSummary
 from egspo.rng import restore_rng_snapshot, rng_snapshot
 
@@ -45,8 +44,9 @@ class HeldOutEvaluation(Callback):
         self.log_results(pl_module, "test")
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = run_dir(trainer)  # every rank: a collective under several processes
         if trainer.is_global_zero and self.summary.phases:
-            path = self.summary.write(Path(trainer.log_dir or trainer.default_root_dir), pl_module.iteration)
+            path = self.summary.write(folder, pl_module.iteration)
             print(f"\n{self.summary.table()}\nsummary: {path}")
 
     def log_results(self, pl_module: LightningModule, stage: str) -> dict[str, dict[str, float]]:

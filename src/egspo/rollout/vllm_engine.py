@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import logging
 import os
 import random
 import tempfile
@@ -292,9 +293,22 @@ class VLLMEngine:
             options["max_num_seqs"] = self.max_num_seqs
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # Each rank its own engine inside the trainer's process group (TRL's colocate set-up).
+            # vLLM reads the rank from the environment, which torchrun fills but Lightning's own
+            # launcher does not (it sets LOCAL_RANK only): fill what is missing from the group.
             options["distributed_executor_backend"] = "external_launcher"
-        with _rng_fenced():
-            self.llm = LLM(**options)
+            local_rank = first.device.index if first.device.type == "cuda" else dist.get_rank()
+            os.environ.setdefault("RANK", str(dist.get_rank()))
+            os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+            os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        # vLLM warms up a chat template at start-up, which needs the tokenizer this engine does
+        # without (prompts go in as ids): the failure it logs, with a traceback, is noise here.
+        renderer_log = logging.getLogger("vllm.renderers.base")
+        renderer_log.addFilter(_no_chat_warmup)
+        try:
+            with _rng_fenced():
+                self.llm = LLM(**options)
+        finally:
+            renderer_log.removeFilter(_no_chat_warmup)
         atexit.register(self.close)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_weights(model)})
         self.stale = False
@@ -377,6 +391,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
         dtype, "float32"
     )
+
+
+def _no_chat_warmup(record: logging.LogRecord) -> bool:
+    """A logging filter: drops vLLM's "Chat template warmup failed" (no tokenizer, by design)."""
+    return record.getMessage() != "Chat template warmup failed"
 
 
 def _positive_int(value: object) -> bool:
