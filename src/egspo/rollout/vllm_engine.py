@@ -25,11 +25,11 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor
 from torch.nn.utils.rnn import pad_sequence
 
 from egspo.hf_names import unwrap_causal_lm
 from egspo.rollout.engine import Rollout, SamplingParams
+from egspo.rollout.vllm_weights import named_weights
 
 # The one vLLM release this engine is written and tested against (`pip install egspo[vllm]`).
 VLLM_VERSION = "0.32.0"
@@ -72,10 +72,7 @@ class VLLMEngine:
     the worker, `collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`: the weights
     are loaded as a checkpoint would be, then each layer is post-processed again (the CPU backend
     repacks its linear layers; calling the model's `load_weights` alone skips that step and leaves
-    the model half updated). Tensors are streamed one at a time (`named_weights`): LoRA (peft)
-    adapters merged into the base weight under the base model's names, 4-bit (QLoRA) base weights
-    dequantised first, FSDP2 parameters gathered one at a time (`DTensor.full_tensor`, a
-    collective every rank joins as it syncs at the same point).
+    the model half updated). What is streamed, one tensor at a time: `vllm_weights.named_weights`.
 
     Sleep mode (GPU only; a no-op on CPU): with `enable_sleep_mode`, vLLM sleeps (level 1: KV cache
     freed, weights offloaded to host memory) after each `generate`, so the update has the memory;
@@ -85,10 +82,9 @@ class VLLMEngine:
     into no-ops and would drop torch to one thread unless `OMP_NUM_THREADS` is set, so the engine
     sets `OMP_NUM_THREADS` to the trainer's thread count before building (an existing value wins).
     Under `torch.distributed` (several ranks) each rank's engine joins the trainer's process group
-    (`distributed_executor_backend="external_launcher"`, as TRL's colocate mode). vLLM's own
-    shutdown then tears that process group down, so `close()` is registered at exit when the
-    engine is built: it runs before the trainer's exit handlers (Lightning destroys an NCCL group
-    at exit), instead of vLLM's finaliser failing on a group already gone.
+    (`distributed_executor_backend="external_launcher"`, as TRL's colocate mode). vLLM's shutdown
+    tears that group down, so `close()` is registered at exit when vLLM is built: it runs before
+    the trainer's own exit handlers, not after the group is gone.
 
     Args (TRL's `vllm_*` / verl's `rollout.*` names and defaults):
         gpu_memory_utilization: share of the device's memory vLLM may take for weights, activations
@@ -164,9 +160,8 @@ class VLLMEngine:
         self.syncs += 1
 
     def close(self) -> None:
-        """Shut vLLM down: its engine core, KV cache and (several ranks) the process groups it
-        joined, the trainer's included. Called at exit; call it earlier only after the last
-        collective of the run."""
+        """Shut vLLM down, with the process groups it joined (the trainer's too, with several
+        ranks): called at exit; call it earlier only after the run's last collective."""
         if self.llm is not None:
             atexit.unregister(self.close)
             self.llm.llm_engine.engine_core.shutdown()
@@ -194,7 +189,7 @@ class VLLMEngine:
         if self.enable_sleep_mode and self._on_gpu:
             self.llm.sleep(level=1)
             self._asleep = True
-        return self._rollout(outputs, input_ids, attention_mask, params)
+        return _to_rollout(outputs, input_ids, attention_mask, params)
 
     def _sampling_params(self, params: SamplingParams, seed: int) -> Any:
         from vllm import SamplingParams as VLLMSamplingParams
@@ -210,27 +205,6 @@ class VLLMEngine:
             seed=seed,
             logprobs=None if params.greedy else 0,
             detokenize=False,
-        )
-
-    def _rollout(
-        self, outputs: list, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams
-    ) -> Rollout:
-        device = input_ids.device
-        tokens: list[Tensor] = []
-        logps: list[Tensor] = []
-        repeats = params.num_samples if params.greedy else 1
-        for request in outputs:
-            for sample in [s for s in request.outputs for _ in range(repeats)]:
-                ids = list(sample.token_ids)
-                tokens.append(torch.tensor(ids, dtype=torch.long))
-                if sample.logprobs is not None:
-                    logps.append(
-                        torch.tensor([step[t].logprob for t, step in zip(ids, sample.logprobs, strict=True)])
-                    )
-        completion_ids = pad_sequence(tokens, batch_first=True, padding_value=params.pad_token_id)
-        logprobs = pad_sequence(logps, batch_first=True).float().to(device) if logps else None
-        return Rollout.from_completions(
-            input_ids, attention_mask, completion_ids.to(device), params, logprobs=logprobs
         )
 
     def _check_lengths(self, prompts: list[dict], params: SamplingParams) -> None:
@@ -292,14 +266,7 @@ class VLLMEngine:
         if self.max_num_seqs is not None:
             options["max_num_seqs"] = self.max_num_seqs
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            # Each rank its own engine inside the trainer's process group (TRL's colocate set-up).
-            # vLLM reads the rank from the environment, which torchrun fills but Lightning's own
-            # launcher does not (it sets LOCAL_RANK only): fill what is missing from the group.
-            options["distributed_executor_backend"] = "external_launcher"
-            local_rank = first.device.index if first.device.type == "cuda" else dist.get_rank()
-            os.environ.setdefault("RANK", str(dist.get_rank()))
-            os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
-            os.environ.setdefault("LOCAL_RANK", str(local_rank))
+            options["distributed_executor_backend"] = _join_trainer_group(first.device)
         # vLLM warms up a chat template at start-up, which needs the tokenizer this engine does
         # without (prompts go in as ids): the failure it logs, with a traceback, is noise here.
         renderer_log = logging.getLogger("vllm.renderers.base")
@@ -315,68 +282,25 @@ class VLLMEngine:
         self.syncs += 1
 
 
-def named_weights(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
-    """The policy's weights under the base model's checkpoint names, one tensor at a time.
-
-    - peft LoRA: for each adapted layer, `W + sum_a scaling_a * B_a @ A_a` over the active
-      adapters (`W^T`-layout layers transposed back), named `<layer>.weight`; the adapter tensors
-      themselves are not sent. A 4-bit (QLoRA) base weight is dequantised first
-      (`bitsandbytes.functional.dequantize_4bit`): vLLM receives the merged weights in full precision.
-    - FSDP2: each `DTensor` is gathered on its own (`full_tensor()`), sent, and dropped.
-    - A tied weight is sent under each of its names (vLLM holds tied embeddings untied).
-    """
-    yield from _module_weights(unwrap_causal_lm(model), "")
-
-
-def _module_weights(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, Tensor]]:
-    if _is_lora_layer(module):
-        yield from _merged_lora_weights(module, prefix)
-        return
-    for name, param in module.named_parameters(recurse=False):
-        yield prefix + name, _dense(param)
-    for name, child in module.named_children():
-        yield from _module_weights(child, f"{prefix}{name}.")
-
-
-def _is_lora_layer(module: torch.nn.Module) -> bool:
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(module, LoraLayer)
-
-
-def _merged_lora_weights(module: Any, prefix: str) -> Iterator[tuple[str, Tensor]]:
-    base = module.get_base_layer()
-    weight = _dense(base.weight)
-    if not module.disable_adapters and not module.merged:
-        weight = weight.clone()
-        for adapter in module.active_adapters:
-            if adapter not in module.lora_A:
-                continue
-            if module.use_dora.get(adapter, False):
-                raise NotImplementedError(
-                    "VLLMEngine: DoRA adapters cannot be merged for vLLM; use plain LoRA"
+def _to_rollout(outputs: list, input_ids: Tensor, attention_mask: Tensor, params: SamplingParams) -> Rollout:
+    """vLLM's request outputs as a `Rollout`: completions padded, the recorded log-probs beside them."""
+    device = input_ids.device
+    tokens: list[Tensor] = []
+    logps: list[Tensor] = []
+    repeats = params.num_samples if params.greedy else 1
+    for request in outputs:
+        for sample in [s for s in request.outputs for _ in range(repeats)]:
+            ids = list(sample.token_ids)
+            tokens.append(torch.tensor(ids, dtype=torch.long))
+            if sample.logprobs is not None:
+                logps.append(
+                    torch.tensor([step[t].logprob for t, step in zip(ids, sample.logprobs, strict=True)])
                 )
-            a = _dense(module.lora_A[adapter].weight).to(weight.dtype)
-            b = _dense(module.lora_B[adapter].weight).to(weight.dtype)
-            delta = (b @ a) * module.scaling[adapter]
-            weight += delta.T if getattr(module, "fan_in_fan_out", False) else delta
-    yield prefix + "weight", weight
-    if getattr(base, "bias", None) is not None:
-        yield prefix + "bias", _dense(base.bias)
-
-
-def _dense(tensor: Tensor) -> Tensor:
-    """A plain tensor of the full parameter: FSDP2 shards gathered, 4-bit weights dequantised."""
-    if isinstance(tensor, DTensor):
-        tensor = tensor.full_tensor()
-    quant_state = getattr(tensor, "quant_state", None)
-    if quant_state is not None:
-        from bitsandbytes.functional import dequantize_4bit
-
-        return dequantize_4bit(tensor.data, quant_state)
-    return tensor.detach()
+    completion_ids = pad_sequence(tokens, batch_first=True, padding_value=params.pad_token_id)
+    logprobs = pad_sequence(logps, batch_first=True).float().to(device) if logps else None
+    return Rollout.from_completions(
+        input_ids, attention_mask, completion_ids.to(device), params, logprobs=logprobs
+    )
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -391,6 +315,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(
         dtype, "float32"
     )
+
+
+def _join_trainer_group(device: torch.device) -> str:
+    """vLLM's executor backend for one engine per rank inside the trainer's process group (TRL's
+    colocate set-up). vLLM reads the rank from the environment, which torchrun fills but Lightning's
+    own launcher does not (it sets LOCAL_RANK only): what is missing is filled from the group."""
+    os.environ.setdefault("RANK", str(dist.get_rank()))
+    os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+    os.environ.setdefault("LOCAL_RANK", str(device.index if device.type == "cuda" else dist.get_rank()))
+    return "external_launcher"
 
 
 def _no_chat_warmup(record: logging.LogRecord) -> bool:

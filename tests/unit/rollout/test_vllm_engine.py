@@ -274,7 +274,7 @@ def _lora(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
 
 
 def test_lora_weights_stream_as_the_merged_model_under_the_base_names(model):
-    from egspo.rollout.vllm_engine import named_weights
+    from egspo.rollout.vllm_weights import named_weights
 
     policy = _lora(copy.deepcopy(model), ["q_proj", "v_proj", "down_proj"])
     streamed = dict(named_weights(policy))
@@ -291,7 +291,7 @@ def test_qlora_weights_stream_dequantised_and_merged(model, tmp_path):
     from bitsandbytes.functional import dequantize_4bit
     from transformers import BitsAndBytesConfig
 
-    from egspo.rollout.vllm_engine import named_weights
+    from egspo.rollout.vllm_weights import named_weights
 
     model.save_pretrained(tmp_path)
     four_bit = BitsAndBytesConfig(
