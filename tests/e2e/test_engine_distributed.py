@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from ports import free_port
+from ports import free_port, run_ranks
 from tiny_model import tiny_qwen2
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -93,17 +91,6 @@ def _rank_main(
         dist.destroy_process_group()
 
 
-def _run_ranks(args: tuple) -> None:
-    """Spawn the ranks; fail (and kill them) if they are not done within TIMEOUT_S."""
-    context = mp.start_processes(_rank_main, args=args, nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s: a collective is waiting (hang)")
-
-
 def test_sharded_ranks_decode_in_lockstep_and_match_unsharded_greedy(tmp_path):
     model = _model().eval()
     prompts, params = _uneven_case(model)
@@ -113,7 +100,12 @@ def test_sharded_ranks_decode_in_lockstep_and_match_unsharded_greedy(tmp_path):
         f"want rank 0 to stop early, rank 1 at the limit: {lengths}"
     )
     torch.save(model.state_dict(), tmp_path / "state.pt")
-    _run_ranks((free_port(), str(tmp_path / "state.pt"), prompts, params, str(tmp_path)))
+    run_ranks(
+        _rank_main,
+        (free_port(), str(tmp_path / "state.pt"), prompts, params, str(tmp_path)),
+        WORLD,
+        TIMEOUT_S,
+    )
 
     for rank in range(WORLD):
         got = torch.load(tmp_path / f"rank{rank}.pt")

