@@ -2,6 +2,7 @@
 
 import socket
 import time
+from collections.abc import Callable
 
 import pytest
 import torch.multiprocessing as mp
@@ -13,7 +14,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(rank_main, args: tuple, world: int, timeout_s: float) -> None:
+def run_ranks(rank_main: Callable[..., None], args: tuple, world: int, timeout_s: float) -> None:
     """Spawn `rank_main(rank, *args)` on `world` ranks; fail (and kill them) if they are not all done
     within `timeout_s`: a hang shows as a failure, not a stuck test run."""
     context = mp.start_processes(rank_main, args=args, nprocs=world, join=False, start_method="spawn")
