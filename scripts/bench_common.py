@@ -91,6 +91,17 @@ class RLSetup:
     learning_rate: float = 1e-6
     warmup: int = 1  # untimed rounds first (>= 1: a timed round runs from the previous round's end)
     rounds: int = 1  # timed rounds per worker
+    # Rows per forward/backward of the update, on both sides (None: the whole batch in one pass).
+    # TRL: `per_device_train_batch_size` with gradient accumulation to one optimizer step; egspo: a
+    # token budget of as many rows at the longest prompt and completion (`egspo_token_budget`).
+    micro_batch_size: int | None = None
+
+    def egspo_token_budget(self) -> int | None:
+        """egspo's `ppo_max_token_len_per_gpu` for `micro_batch_size` rows: TRL's padded micro-batch
+        at the longest lengths, so that neither side runs more tokens per pass than the other."""
+        if self.micro_batch_size is None:
+            return None
+        return self.micro_batch_size * (self.max_prompt_length + self.max_completion_length)
 
 
 @dataclass

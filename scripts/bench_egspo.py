@@ -65,13 +65,16 @@ def phase_args(kind: str, n: int, per_step: int) -> list[str]:
 
 
 def rl_args(setup: RLSetup, engine: str) -> list[str]:
-    """RL only, `setup`'s sizes, GRPO's clipped token-mean loss (TRL's dapo), the given engine."""
+    """RL only, `setup`'s sizes and micro-batches, GRPO's clipped token-mean loss (TRL's dapo), the given engine."""
     loss = (
         "--model.policy_loss=egspo.losses.PPOClipLoss --model.policy_loss.init_args.clip_low=0.2 "
         "--model.policy_loss.init_args.clip_high=0.2 --model.policy_loss.init_args.loss_agg_mode=token-mean"
     )
+    budget = setup.egspo_token_budget()
+    micro = [] if budget is None else [f"--model.update.ppo_max_token_len_per_gpu={budget}"]
     return [
         *phase_args("rl", setup.warmup + setup.rounds, setup.prompts_per_step),
+        *micro,
         f"--model.rollout.engine={engine}",
         f"--model.rollout.num_generations={setup.num_generations}",
         f"--model.rollout.max_completion_length={setup.max_completion_length}",

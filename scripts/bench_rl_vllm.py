@@ -19,6 +19,9 @@ Everything else is section 3's (`bench_rl.py`): the saved random-weight Qwen2 of
 same 16 prompts per round in the same order x 8 samples, one optimizer step per round, the same
 loss, optimizer and sampling settings, 1 untimed round then `--rounds` timed ones, `--threads`
 intra-op threads, sides interleaved (A B, B A, ...), the load average around each repetition.
+Unlike section 3, each side's update runs in micro-batches of `--micro-batch-size` rows (16)
+accumulated into the round's one optimizer step: on a CPU one pass over all 128 rows spends much of
+its time faulting in fresh pages for its activations, and TRL's padded update more than egspo's.
 vLLM draws its own random numbers, so a vLLM side samples other completions than an HF side
 (equal in distribution): with `--lengths limit` almost every sample runs to the limit and the
 work is equal; with `varied` the token counts differ a little (reported; tokens/s divides it out).
@@ -29,7 +32,7 @@ to the update's start: rewards, old log-probs, advantages), update (loss, backwa
 optimizer step), other (the rest: data, the frameworks' own work).
 
     python scripts/bench_rl_vllm.py --smoke --max-load 100        # h256-L4-64, 4 prompts, 1 repetition: ~2 min
-    python scripts/bench_rl_vllm.py --lengths limit varied --repeats 5 > /tmp/rl_vllm.md   # ~3 h, quiet
+    python scripts/bench_rl_vllm.py --lengths limit varied --repeats 5 > /tmp/rl_vllm.md   # ~75 min, quiet
 """
 
 from __future__ import annotations
@@ -200,8 +203,10 @@ def repetition(args, names: list[str], model_dir: str, setup: RLSetup, reverse: 
 
 def run_case(args, case: RLCase, lengths: str, names: list[str], tmp: Path) -> list[str]:
     setup = RLSetup(max_completion_length=case.max_completion_length, rounds=args.rounds)
+    setup.micro_batch_size = args.micro_batch_size or None
     if args.smoke:
         setup.prompts_per_step = 4
+        setup.micro_batch_size = setup.micro_batch_size and min(setup.micro_batch_size, 4)
     model_dir = tmp / f"{case.name}-{lengths}"
     stop = save_model(case.shape, model_dir, 2 / case.max_completion_length if lengths == "varied" else None)
     reps = []
@@ -230,6 +235,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="repetitions (fresh processes per side)")
     parser.add_argument("--rounds", type=int, default=1, help="timed rounds per worker (after 1 untimed)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads per worker (0: default)")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=16,
+        help="rows per forward/backward of the update on both sides (0: the whole batch in one pass)",
+    )
     parser.add_argument("--kv-cache-gib", type=int, default=1, help="vLLM's KV cache on every vLLM side")
     parser.add_argument(
         "--max-load", type=float, default=1.5, help="1-minute load above which a repetition is left out"
@@ -244,6 +255,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option, values, allowed in (("--sizes", args.sizes, known), ("--sides", args.sides, set(SIDES))):
         if set(values) - allowed:
             parser.error(f"{option}: unknown {sorted(set(values) - allowed)}; choose from {sorted(allowed)}")
+    samples = RLSetup().prompts_per_step * RLSetup().num_generations
+    if args.micro_batch_size < 0 or (args.micro_batch_size and samples % args.micro_batch_size):
+        parser.error(
+            f"--micro-batch-size {args.micro_batch_size}: must divide the {samples} samples of a round"
+        )
     if args.baseline not in args.sides:
         parser.error(f"--baseline {args.baseline}: not one of --sides {args.sides}")
     if args.smoke:

@@ -83,13 +83,16 @@ def worker_trl_grpo(spec: dict) -> dict:
 
     def prepare_then_mark(*args, **kwargs):
         out = prepare(*args, **kwargs)
-        log.update_from = time.perf_counter()  # experience ready: the update starts
+        if log.update_from is None:  # the round's first micro-batch: experience ready, the update starts
+            log.update_from = time.perf_counter()
         return out
 
+    def update_done() -> None:  # the optimizer step, after every micro-batch's backward
+        log.add_update(time.perf_counter() - log.update_from)
+        log.update_from = None
+
     trainer._prepare_inputs = prepare_then_mark
-    trainer.add_callback(
-        trl_callback(lambda: log.add_update(time.perf_counter() - log.update_from), log.round_end)
-    )
+    trainer.add_callback(trl_callback(update_done, log.round_end))
     trainer.train()
     return log.result()
 
@@ -115,11 +118,15 @@ def grpo_trainer(model: str, setup: RLSetup, vllm: dict | None):
         return reward(texts, answer).rewards.tolist()
 
     n = setup.prompts_per_step * setup.num_generations
+    micro = setup.micro_batch_size or n
+    if n % micro:
+        raise ValueError(f"micro_batch_size {micro} does not divide the {n} samples of a round")
     sampler = {} if vllm is None else {"use_vllm": True, "vllm_mode": "colocate", **vllm}
+    # One optimizer step per round: `n // micro` micro-batches of one generation batch, accumulated.
     config = GRPOConfig(
-        **trl_common(steps, setup.learning_rate),
-        per_device_train_batch_size=n,
-        steps_per_generation=1,
+        **{**trl_common(steps, setup.learning_rate), "gradient_accumulation_steps": n // micro},
+        per_device_train_batch_size=micro,
+        steps_per_generation=n // micro,
         num_generations=setup.num_generations,
         num_iterations=1,
         max_completion_length=setup.max_completion_length,

@@ -148,7 +148,10 @@ class UpdateConfig:
             iteration's).
         ppo_max_token_len_per_gpu: token budget of one forward/backward (verl's name). Each
             mini-batch is packed into micro-batches of at most this many tokens whose gradients
-            accumulate to exactly the mini-batch's; None: one pass per mini-batch.
+            accumulate to exactly the mini-batch's; None: one pass per mini-batch. Set it on CPU
+            too: a pass over many thousand tokens allocates activations of hundreds of MB each,
+            and the page faults of every fresh allocation slow the update (at 4096 tokens an update
+            of 19k tokens took 28.6 s instead of 54.0 s in one pass; BENCHMARKS.md section 7).
         rl_learning_rate: the learning rate of the RL phase (default: the optimizer's).
         max_grad_norm: gradient clipping (None: off).
         max_nonfinite_updates: stop after this many skipped (non-finite) updates in a row.

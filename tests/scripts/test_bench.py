@@ -121,6 +121,16 @@ def test_completion_rows_cut_at_the_first_stop_token():
     assert bench_common.digest([[5, 2]]) == bench_common.digest([[5, 2]]) != bench_common.digest([[5, 3]])
 
 
+def test_micro_batches_give_both_sides_the_same_rows_per_pass():
+    setup = bench_common.RLSetup(max_completion_length=64, micro_batch_size=16)
+    # egspo's budget: TRL's 16 padded rows at the longest prompt (128) and completion (64).
+    assert setup.egspo_token_budget() == 16 * (128 + 64)
+    assert "--model.update.ppo_max_token_len_per_gpu=3072" in bench_egspo.rl_args(setup, "some.Engine")
+    whole = bench_common.RLSetup(max_completion_length=64)
+    assert whole.egspo_token_budget() is None
+    assert not any("ppo_max_token_len_per_gpu" in a for a in bench_egspo.rl_args(whole, "some.Engine"))
+
+
 @pytest.fixture(scope="module")
 def rl_runs(bench, tmp_path_factory) -> tuple[dict[str, dict], dict]:
     """egspo's RL worker with each engine on one saved model that stops at about 0.2 per token."""
@@ -145,13 +155,19 @@ def _assert_round_figures(name: str, run: dict) -> None:
 
 
 @pytest.mark.slow
-def test_egspo_rl_workers_sample_identical_completions_with_both_engines(rl_runs):
-    runs, _ = rl_runs
+def test_egspo_rl_workers_sample_identical_completions_with_both_engines(bench, rl_runs):
+    runs, spec = rl_runs
     for name, run in runs.items():
         _assert_round_figures(name, run)
     identical, counts_agree, _ = bench_rl.same_tokens(runs["egspo"], runs["egspo-hf"])
     assert identical and counts_agree
     assert runs["egspo-hf"]["rounds"][0]["tokens"] < 2 * 4 * 8, "the stop feature should end some samples"
+    # With the update in micro-batches (TRL's 2 padded rows of tokens each): the same completions.
+    _, kind, engine = bench_common.SIDES["egspo"]
+    micro = {**spec, "setup": {**spec["setup"], "micro_batch_size": 2}}
+    split = bench.WORKERS[kind]({**micro, "kind": kind, "engine": engine})
+    _assert_round_figures("egspo, micro-batches", split)
+    assert bench_rl.same_tokens(split, runs["egspo"])[:2] == (True, True)
     # The MFU arithmetic, as the GPU row does it (a made-up device name with a known peak).
     shape = {**bench_common.QWEN2_QUICK, "vocab_size": 443}
     mfu = bench_sections.update_mfu({**runs["egspo"], "device_name": "H100"}, shape)
@@ -168,6 +184,15 @@ def test_trl_rl_worker_samples_the_completions_egspo_samples(bench, rl_runs):
     for name, run in runs.items():
         identical, counts_agree, _ = bench_rl.same_tokens(run, trl)
         assert identical and counts_agree, name
+    # In micro-batches of 2 rows (4 per optimizer step): the same completions, one update per round
+    # that spans every micro-batch (not only the last one's).
+    micro = {**spec, "setup": {**spec["setup"], "micro_batch_size": 2}}
+    split = bench.WORKERS[kind]({**micro, "kind": kind, "engine": engine})
+    _assert_round_figures("trl, micro-batches", split)
+    identical, counts_agree, _ = bench_rl.same_tokens(split, trl)
+    assert identical and counts_agree
+    (round_,) = split["rounds"]
+    assert round_["scoring_s"] < round_["update_s"] / 2  # no micro-batch counted as scoring
 
 
 @pytest.mark.slow

@@ -98,6 +98,7 @@ def test_case_table_has_a_row_per_side_or_says_why_it_has_none():
         (["--sizes", "h9-L9-9"], "--sizes: unknown ['h9-L9-9']"),
         (["--sides", "egspo-vllm", "trl", "--baseline", "egspo"], "--baseline egspo: not one of --sides"),
         (["--trl-python", "/nowhere/python"], "--trl-python /nowhere/python: not found"),
+        (["--micro-batch-size", "12"], "--micro-batch-size 12: must divide the 128 samples of a round"),
     ],
 )
 def test_bad_options_are_refused_in_one_line(argv, message, capsys):
