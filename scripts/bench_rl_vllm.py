@@ -202,8 +202,11 @@ def repetition(args, names: list[str], model_dir: str, setup: RLSetup, reverse: 
 
 
 def run_case(args, case: RLCase, lengths: str, names: list[str], tmp: Path) -> list[str]:
-    setup = RLSetup(max_completion_length=case.max_completion_length, rounds=args.rounds)
-    setup.micro_batch_size = args.micro_batch_size or None
+    setup = RLSetup(
+        max_completion_length=case.max_completion_length,
+        rounds=args.rounds,
+        micro_batch_size=args.micro_batch_size or None,
+    )
     if args.smoke:
         setup.prompts_per_step = 4
         setup.micro_batch_size = setup.micro_batch_size and min(setup.micro_batch_size, 4)
@@ -255,7 +258,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for option, values, allowed in (("--sizes", args.sizes, known), ("--sides", args.sides, set(SIDES))):
         if set(values) - allowed:
             parser.error(f"{option}: unknown {sorted(set(values) - allowed)}; choose from {sorted(allowed)}")
-    samples = RLSetup().prompts_per_step * RLSetup().num_generations
+    default = RLSetup()
+    samples = default.prompts_per_step * default.num_generations
     if args.micro_batch_size < 0 or (args.micro_batch_size and samples % args.micro_batch_size):
         parser.error(
             f"--micro-batch-size {args.micro_batch_size}: must divide the {samples} samples of a round"
